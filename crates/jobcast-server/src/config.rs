@@ -1,0 +1,70 @@
+//! Server configuration: a plain struct with defaults (clap lives in the binary).
+
+use std::time::Duration;
+
+/// How hard SQLite syncs to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// `synchronous=NORMAL` in WAL mode: survives a killed process, not a power loss.
+    #[default]
+    Normal,
+    /// `synchronous=FULL`: survives a power loss, slower commits.
+    Full,
+}
+
+/// Everything the server can be told.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Database URL, e.g. `sqlite://jobcast.db`.
+    pub db: String,
+    /// SQLite durability.
+    pub sync: SyncMode,
+    /// A comment line is written when nothing else was for this long.
+    pub heartbeat: Duration,
+    /// The `retry:` value sent first on every SSE response.
+    pub retry: Duration,
+    /// Default wait for a stream that does not exist yet.
+    pub default_wait: Duration,
+    /// Cap on `?wait=`.
+    pub max_wait: Duration,
+    /// A watch connection ends after this long (the client resumes).
+    pub max_duration: Duration,
+    /// A write that makes no progress for this long drops the connection.
+    pub write_timeout: Duration,
+    /// Largest event data, in bytes.
+    pub max_event_bytes: usize,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Most events in one append.
+    pub max_batch: usize,
+    /// Bytes of encoded events kept per watched stream for live watchers.
+    pub ring_bytes: usize,
+    /// Events per store page when replaying.
+    pub page_size: u32,
+    /// How long watchers retry a failing store before giving up with `store_unavailable`.
+    pub store_retry_limit: Duration,
+    /// How long shutdown waits for requests in flight.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            db: "sqlite://jobcast.db".into(),
+            sync: SyncMode::Normal,
+            heartbeat: Duration::from_secs(15),
+            retry: Duration::from_secs(3),
+            default_wait: Duration::from_secs(90),
+            max_wait: Duration::from_secs(600),
+            max_duration: Duration::from_secs(3600),
+            write_timeout: Duration::from_secs(30),
+            max_event_bytes: 1 << 20,
+            max_body_bytes: 16 << 20,
+            max_batch: 1000,
+            ring_bytes: 1 << 20,
+            page_size: 1000,
+            store_retry_limit: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}

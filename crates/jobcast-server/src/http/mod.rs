@@ -1,0 +1,169 @@
+//! The HTTP API (v1): one module per resource, built into one [`Router`].
+
+mod error;
+mod events;
+pub mod input;
+mod sse;
+mod streams;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+use tokio_util::sync::CancellationToken;
+
+pub use error::ApiError;
+
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::store::Store;
+
+/// What every handler shares; a cheap handle.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The durable log.
+    pub store: Store,
+    /// Live batches for watchers on this node.
+    pub hub: Hub,
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// Cancelled when the server shuts down: watchers get `shutting_down`.
+    pub shutdown: CancellationToken,
+}
+
+/// The router of the whole API.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/streams", get(streams::list))
+        .route(
+            "/v1/streams/{id}",
+            put(streams::create)
+                .get(streams::get)
+                .delete(streams::delete),
+        )
+        .route(
+            "/v1/streams/{id}/events",
+            post(events::append).get(events::read),
+        )
+        .route("/v1/streams/{id}/complete", post(streams::complete))
+        .route("/v1/streams/{id}/fail", post(streams::fail))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // RawBody enforces the configured limit with a JSON error instead.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// A request body read whole, up to `--max-body-bytes` (else 413 `body_too_large`).
+#[derive(Debug)]
+pub struct RawBody(pub axum::body::Bytes);
+
+impl axum::extract::FromRequest<AppState> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &AppState) -> Result<Self, ApiError> {
+        use http_body_util::BodyExt;
+        let limit = state.config.max_body_bytes;
+        let too_large = || {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the request body is larger than {limit} bytes"),
+            )
+        };
+        let body = http_body_util::Limited::new(req.into_body(), limit);
+        match body.collect().await {
+            Ok(c) => Ok(RawBody(c.to_bytes())),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+            Err(e) => Err(ApiError::bad_request(
+                "invalid_body",
+                format!("the request body could not be read: {e}"),
+            )),
+        }
+    }
+}
+
+/// Query parameters; a malformed query string is a 400.
+type Params = Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>;
+
+fn params(p: Params) -> Result<HashMap<String, String>, ApiError> {
+    p.map(|Query(q)| q)
+        .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+}
+
+/// A non-empty parameter (an empty one counts as absent).
+fn param<'a>(q: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
+    q.get(name).map(String::as_str).filter(|v| !v.is_empty())
+}
+
+/// The stream id from the path, validated.
+fn stream_id(id: &str) -> Result<&str, ApiError> {
+    jobcast_protocol::validate_stream_id(id)
+        .map(|()| id)
+        .map_err(|e| ApiError::bad_request("invalid_stream_id", e.to_string()))
+}
+
+/// The `Vary` every read sends: one URL serves SSE and JSON, per credentials.
+const VARY: &str = "Accept, Authorization, Cookie";
+
+/// A JSON answer with the headers of reads.
+fn json_response(status: StatusCode, body: String) -> Response {
+    let mut res = (status, body).into_response();
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-store"),
+    );
+    h.insert(header::VARY, HeaderValue::from_static(VARY));
+    res
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    // Serializing our own plain structs and json! values cannot fail.
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+fn wants_sse(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream"))
+}
+
+async fn healthz() -> Response {
+    json_response(StatusCode::OK, r#"{"status":"ok"}"#.into())
+}
+
+async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError> {
+    if state.shutdown.is_cancelled() {
+        return Err(ApiError::from(crate::store::StoreError::Closed));
+    }
+    state.store.ping().await?;
+    Ok(json_response(
+        StatusCode::OK,
+        r#"{"status":"ready"}"#.into(),
+    ))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method",
+    )
+}

@@ -1,0 +1,353 @@
+//! The SSE response: subscribe first, then read the store, then follow the
+//! hub's ring, with heartbeats, a maximum duration, store-error backoff and
+//! the shutdown signal. The decisions are in [`crate::watch`]; this is the
+//! I/O shell around them.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{header, HeaderValue, StatusCode};
+use jobcast_protocol::{encode, ErrorPayload, ERROR_EVENT, RESET_EVENT};
+use rand::Rng;
+use tokio::time::Instant;
+
+use super::{ApiError, AppState, VARY};
+use crate::hub::{RingRead, Subscription};
+use crate::store::StoreError;
+use crate::watch::{self, Cursor, PageStep, Resume};
+
+/// Starts a watch. Answers 204 when `resume` is the stream's end.
+pub(super) async fn watch(
+    state: AppState,
+    stream: String,
+    resume: Resume,
+    wait: Duration,
+) -> Result<Response, ApiError> {
+    // The cursor on the hub exists before the store is read: nothing
+    // committed in between can be missed.
+    let sub = state.hub.subscribe(&stream);
+    let meta = state.store.meta(&stream).await?;
+    if meta.as_ref().is_some_and(|m| watch::at_end(m, &resume)) {
+        let mut res = StatusCode::NO_CONTENT.into_response();
+        set_headers(&mut res, false);
+        return Ok(res);
+    }
+    let now = Instant::now();
+    let max = state.config.max_duration;
+    // Jitter the maximum duration down by up to 10% so reconnects spread out.
+    let jitter = max.mul_f64(rand::rng().random_range(0.0..0.1));
+    let mut head = Vec::with_capacity(64);
+    encode::retry(&mut head, state.config.retry.as_millis() as u64);
+    let mut w = Watcher {
+        heartbeat_at: now + state.config.heartbeat,
+        close_at: now + (max - jitter),
+        wait_until: now + wait,
+        stream,
+        resume,
+        sub,
+        cursor: None,
+        failing_since: None,
+        attempt: 0,
+        done: false,
+        state,
+    };
+    if let Some(m) = meta {
+        if let Some(reset) = w.begin(&m) {
+            head.extend_from_slice(&reset);
+        }
+    }
+    let first = Bytes::from(head);
+    let body = futures::stream::unfold((Some(first), w), |(first, mut w)| async move {
+        let chunk = match first {
+            Some(b) => Some(b),
+            None => w.next().await,
+        };
+        chunk.map(|b| (Ok::<_, Infallible>(b), (None, w)))
+    });
+    let mut res = Response::new(Body::from_stream(body));
+    set_headers(&mut res, true);
+    Ok(res)
+}
+
+fn set_headers(res: &mut Response, sse: bool) {
+    let h = res.headers_mut();
+    if sse {
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    }
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store, no-transform"),
+    );
+    h.insert(header::VARY, HeaderValue::from_static(VARY));
+}
+
+/// One watcher's state: a subscription and a cursor, no task of its own.
+struct Watcher {
+    state: AppState,
+    stream: String,
+    resume: Resume,
+    sub: Subscription,
+    /// None until the stream exists.
+    cursor: Option<Cursor>,
+    heartbeat_at: Instant,
+    close_at: Instant,
+    wait_until: Instant,
+    failing_since: Option<Instant>,
+    attempt: u32,
+    done: bool,
+}
+
+/// What one step produced.
+enum Step {
+    /// Write and go on.
+    Write(Bytes),
+    /// Write (if anything) and end the response.
+    Close(Option<Bytes>),
+    /// Look again (something changed).
+    Again,
+}
+
+fn control(event: &str, payload: &impl serde::Serialize) -> Bytes {
+    let mut buf = Vec::new();
+    let data = serde_json::to_string(payload).unwrap_or_else(|_| "{}".into());
+    encode::event(&mut buf, None, event, &data);
+    Bytes::from(buf)
+}
+
+fn error_event(code: &str, message: &str, retry_after_ms: Option<u64>) -> Bytes {
+    control(
+        ERROR_EVENT,
+        &ErrorPayload {
+            code: code.into(),
+            message: message.into(),
+            retryable: retry_after_ms.is_some(),
+            retry_after_ms,
+            refresh: None,
+        },
+    )
+}
+
+impl Watcher {
+    /// Places the cursor in the stream `meta` describes; returns the reset to send, if any.
+    fn begin(&mut self, meta: &crate::store::StreamMeta) -> Option<Bytes> {
+        let start = watch::start(meta, &self.resume);
+        self.cursor = Some(Cursor::new(meta, &start));
+        // The store was read after subscribing; changes before that are seen.
+        self.sub.take_change();
+        start.reset.map(|r| control(RESET_EVENT, &r))
+    }
+
+    async fn next(&mut self) -> Option<Bytes> {
+        loop {
+            if self.done {
+                return None;
+            }
+            match self.step().await {
+                Step::Write(b) => {
+                    self.heartbeat_at = Instant::now() + self.state.config.heartbeat;
+                    if self.cursor.as_ref().is_some_and(|c| c.ended) {
+                        self.done = true;
+                    }
+                    return Some(b);
+                }
+                Step::Close(b) => {
+                    self.done = true;
+                    if b.is_some() {
+                        return b;
+                    }
+                }
+                Step::Again => {}
+            }
+        }
+    }
+
+    fn shutting_down(&self) -> Step {
+        let retry = self.state.config.retry.as_millis() as u64;
+        Step::Close(Some(error_event(
+            "shutting_down",
+            "the server is shutting down; reconnect to resume",
+            Some(retry),
+        )))
+    }
+
+    fn deleted() -> Step {
+        Step::Close(Some(error_event(
+            "stream_deleted",
+            "the stream was deleted",
+            None,
+        )))
+    }
+
+    /// A store call failed: back off (heartbeats continue), or give up with
+    /// a retryable `store_unavailable` after the configured time.
+    async fn store_failed(&mut self, e: StoreError) -> Step {
+        let now = Instant::now();
+        let since = *self.failing_since.get_or_insert(now);
+        if !watch::retryable(&e) {
+            return self.shutting_down();
+        }
+        tracing::debug!(stream = %self.stream, error = %e, attempt = self.attempt, "watcher store read failed");
+        if now.duration_since(since) >= self.state.config.store_retry_limit {
+            return Step::Close(Some(error_event(
+                "store_unavailable",
+                "the store is unavailable; reconnect to resume",
+                Some(watch::store_backoff(self.attempt, 1.0).as_millis() as u64),
+            )));
+        }
+        let delay = watch::store_backoff(self.attempt, rand::rng().random_range(0.0..1.0));
+        self.attempt = self.attempt.saturating_add(1);
+        let until = now + delay;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until.min(self.heartbeat_at)) => {
+                    if Instant::now() >= self.heartbeat_at && Instant::now() < until {
+                        return Step::Write(Bytes::from_static(b":\n"));
+                    }
+                    if Instant::now() >= until {
+                        return Step::Again;
+                    }
+                }
+                _ = self.state.shutdown.cancelled() => return self.shutting_down(),
+            }
+        }
+    }
+
+    fn store_ok(&mut self) {
+        self.failing_since = None;
+        self.attempt = 0;
+    }
+
+    async fn step(&mut self) -> Step {
+        let entry = self.sub.entry();
+        let notified = entry.notified();
+        let mut notified = std::pin::pin!(notified);
+        // Registered before looking, so a publish from now on wakes us.
+        notified.as_mut().enable();
+        if self.state.shutdown.is_cancelled() {
+            return self.shutting_down();
+        }
+        let now = Instant::now();
+        if now >= self.close_at {
+            // Maximum duration: end cleanly; the client resumes with Last-Event-ID.
+            return Step::Close(None);
+        }
+        match self.look().await {
+            Ok(Some(step)) => return step,
+            Ok(None) => {}
+            Err(e) => return self.store_failed(e).await,
+        }
+        // Nothing to write: wait for a publish, a heartbeat, the end of the
+        // wait for creation, the maximum duration, or shutdown.
+        let mut wake = self.heartbeat_at.min(self.close_at);
+        if self.cursor.is_none() {
+            wake = wake.min(self.wait_until);
+        }
+        tokio::select! {
+            _ = &mut notified => Step::Again,
+            _ = tokio::time::sleep_until(wake) => {
+                if Instant::now() >= self.heartbeat_at {
+                    Step::Write(Bytes::from_static(b":\n"))
+                } else {
+                    Step::Again
+                }
+            }
+            _ = self.state.shutdown.cancelled() => self.shutting_down(),
+        }
+    }
+
+    /// Finds what to write next, if anything (None: wait).
+    async fn look(&mut self) -> Result<Option<Step>, StoreError> {
+        let Some(cursor) = &self.cursor else {
+            return match self.state.store.meta(&self.stream).await? {
+                Some(meta) => {
+                    self.store_ok();
+                    Ok(Some(match self.begin(&meta) {
+                        Some(reset) => Step::Write(reset),
+                        None => Step::Again,
+                    }))
+                }
+                None if Instant::now() >= self.wait_until => {
+                    Ok(Some(Step::Close(Some(error_event(
+                        "stream_not_found",
+                        "the stream does not exist (waited for it to be created)",
+                        None,
+                    )))))
+                }
+                None => {
+                    self.store_ok();
+                    Ok(None)
+                }
+            };
+        };
+        let epoch = cursor.epoch.clone();
+        if self.sub.take_change() && !self.same_epoch(&epoch).await? {
+            return Ok(Some(Self::deleted()));
+        }
+        let Some(cursor) = self.cursor.as_mut() else {
+            return Ok(None);
+        };
+        match self.sub.read(&epoch, cursor.sent) {
+            RingRead::Batches(batches) => {
+                if let Some(frame) = cursor.take_batches(&batches) {
+                    return Ok(Some(Step::Write(frame.bytes)));
+                }
+                // Not contiguous after all: the gap is read from the store.
+            }
+            RingRead::OtherEpoch => {
+                if !self.same_epoch(&epoch).await? {
+                    return Ok(Some(Self::deleted()));
+                }
+            }
+            RingRead::Gap => {}
+            RingRead::Nothing if !cursor.behind() => return Ok(None),
+            RingRead::Nothing => {}
+        }
+        self.read_store().await
+    }
+
+    async fn same_epoch(&mut self, epoch: &str) -> Result<bool, StoreError> {
+        let meta = self.state.store.meta(&self.stream).await?;
+        self.store_ok();
+        Ok(meta.is_some_and(|m| m.epoch == epoch))
+    }
+
+    /// Reads the next page after the cursor from the store (None: nothing newer; wait).
+    async fn read_store(&mut self) -> Result<Option<Step>, StoreError> {
+        let Some(cursor) = self.cursor.as_mut() else {
+            return Ok(None);
+        };
+        let page = self
+            .state
+            .store
+            .read(&self.stream, cursor.sent, self.state.config.page_size)
+            .await?;
+        self.failing_since = None;
+        self.attempt = 0;
+        let Some(page) = page else {
+            return Ok(Some(Self::deleted()));
+        };
+        if page.meta.epoch != cursor.epoch {
+            return Ok(Some(Self::deleted()));
+        }
+        Ok(match cursor.take_page(&page.meta, &page.events) {
+            PageStep::Write(frame) => Some(Step::Write(frame.bytes)),
+            PageStep::Nothing => {
+                // The store has nothing newer: believe it, and wait for the ring.
+                cursor.known_head = cursor.sent;
+                None
+            }
+            PageStep::Trimmed => Some(Step::Close(Some(error_event(
+                "lagged_beyond_retention",
+                "events after your position were removed by retention; reconnect to continue",
+                Some(0),
+            )))),
+        })
+    }
+}

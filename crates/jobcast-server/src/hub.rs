@@ -1,0 +1,363 @@
+//! The hub: per watched stream, a ring of recently committed batches, already
+//! encoded as SSE, shared by every watcher of that stream.
+//!
+//! A watcher holds only a [`Subscription`] (a cursor is just the last seq it
+//! wrote); there is no task and no channel per watcher. The writer publishes
+//! each committed batch once; watchers copy nothing but a `Bytes` handle. A
+//! watcher whose position fell out of the ring reads the gap from the store.
+//! A stream's entry exists only while it has subscriptions: entries are
+//! created and removed under the one map lock, so an arriving watcher can
+//! never attach to an entry that is being removed.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+/// A committed batch of one stream's events, encoded once as SSE.
+#[derive(Debug)]
+pub struct Batch {
+    /// The epoch of the stream these events belong to.
+    pub epoch: Arc<str>,
+    /// Seq of the first event.
+    pub first_seq: u64,
+    /// Seq of the last event.
+    pub last_seq: u64,
+    /// The encoded events, back to back.
+    pub bytes: Bytes,
+    /// Where each event starts in `bytes` (`offsets[i]` for seq `first_seq + i`).
+    pub offsets: Vec<u32>,
+    /// Whether the last event is `jobcast.end`.
+    pub ends: bool,
+}
+
+impl Batch {
+    /// Encodes events `(type, data)` numbered from `first_seq`.
+    pub fn encode<'a>(
+        epoch: &str,
+        first_seq: u64,
+        events: impl IntoIterator<Item = (&'a str, &'a str)>,
+        ends: bool,
+    ) -> Batch {
+        let mut buf = Vec::new();
+        let mut offsets = Vec::new();
+        let mut seq = first_seq;
+        for (ty, data) in events {
+            // A batch is ≤ 16 MiB of request body plus framing, far below 4 GiB.
+            offsets.push(buf.len() as u32);
+            jobcast_protocol::encode::event(&mut buf, Some((epoch, seq)), ty, data);
+            seq += 1;
+        }
+        Batch {
+            epoch: Arc::from(epoch),
+            first_seq,
+            last_seq: seq.saturating_sub(1).max(first_seq),
+            bytes: Bytes::from(buf),
+            offsets,
+            ends,
+        }
+    }
+
+    /// The encoded events with seq > `after` (all of them when `after` < first_seq).
+    pub fn after(&self, after: u64) -> Bytes {
+        if after < self.first_seq {
+            return self.bytes.clone();
+        }
+        let skip = (after - self.first_seq + 1) as usize;
+        match self.offsets.get(skip) {
+            Some(&off) => self.bytes.slice(off as usize..),
+            None => Bytes::new(),
+        }
+    }
+}
+
+/// What a watcher finds in the ring after its position.
+#[derive(Debug)]
+pub enum RingRead {
+    /// Batches that continue exactly after the position (the first one may
+    /// start at or before it).
+    Batches(Vec<Arc<Batch>>),
+    /// The ring holds events after the position but not the next one: read the store.
+    Gap,
+    /// Nothing after the position yet.
+    Nothing,
+    /// A batch of another epoch: the stream was replaced; check the store.
+    OtherEpoch,
+}
+
+#[derive(Debug, Default)]
+struct Ring {
+    batches: VecDeque<Arc<Batch>>,
+    bytes: usize,
+    epoch: Option<Arc<str>>,
+}
+
+/// One watched stream's shared state.
+#[derive(Debug, Default)]
+pub struct Entry {
+    ring: Mutex<Ring>,
+    notify: Notify,
+    /// Changed by every delete and creation, so watchers re-check the store.
+    changes: AtomicU64,
+    /// Subscriptions; changed only under the hub's map lock.
+    watchers: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// std Mutex: held for a map lookup or insert, never across an await.
+    streams: Mutex<HashMap<String, Arc<Entry>>>,
+    ring_bytes: usize,
+    watchers: AtomicUsize,
+}
+
+/// The hub; a cheap handle.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these short locks leaves consistent data
+    // (every critical section is a few field updates), so poisoning is ignored.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Hub {
+    /// A hub whose rings keep about `ring_bytes` of encoded events per stream.
+    pub fn new(ring_bytes: usize) -> Hub {
+        Hub {
+            inner: Arc::new(Inner {
+                streams: Mutex::new(HashMap::new()),
+                ring_bytes,
+                watchers: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Takes a cursor on a stream (creating its entry). Take it BEFORE reading
+    /// the store, so nothing committed in between is missed.
+    pub fn subscribe(&self, stream: &str) -> Subscription {
+        let entry = {
+            let mut map = lock(&self.inner.streams);
+            let entry = map.entry(stream.to_owned()).or_default().clone();
+            entry.watchers.fetch_add(1, Ordering::Relaxed);
+            entry
+        };
+        self.inner.watchers.fetch_add(1, Ordering::Relaxed);
+        let changes = entry.changes.load(Ordering::Acquire);
+        Subscription {
+            hub: self.clone(),
+            stream: stream.to_owned(),
+            entry,
+            changes,
+        }
+    }
+
+    fn entry(&self, stream: &str) -> Option<Arc<Entry>> {
+        lock(&self.inner.streams).get(stream).cloned()
+    }
+
+    /// Whether anyone watches `stream` on this node (to skip encoding when not).
+    pub fn is_watched(&self, stream: &str) -> bool {
+        lock(&self.inner.streams).contains_key(stream)
+    }
+
+    /// Subscriptions to `stream` on this node.
+    pub fn watchers_of(&self, stream: &str) -> usize {
+        self.entry(stream)
+            .map_or(0, |e| e.watchers.load(Ordering::Relaxed))
+    }
+
+    /// Subscriptions on this node.
+    pub fn watchers(&self) -> usize {
+        self.inner.watchers.load(Ordering::Relaxed)
+    }
+
+    /// Streams with an entry (for tests and metrics).
+    pub fn entries(&self) -> usize {
+        lock(&self.inner.streams).len()
+    }
+
+    /// Publishes a committed batch. Called by the writer right after COMMIT,
+    /// in seq order per stream.
+    pub fn publish(&self, stream: &str, batch: Arc<Batch>) {
+        let Some(entry) = self.entry(stream) else {
+            return;
+        };
+        {
+            let mut ring = lock(&entry.ring);
+            if ring.epoch.as_deref() != Some(&*batch.epoch) {
+                ring.batches.clear();
+                ring.bytes = 0;
+                ring.epoch = Some(batch.epoch.clone());
+            }
+            ring.bytes += batch.bytes.len();
+            ring.batches.push_back(batch);
+            // Keep at least the newest batch, however large.
+            while ring.bytes > self.inner.ring_bytes && ring.batches.len() > 1 {
+                if let Some(old) = ring.batches.pop_front() {
+                    ring.bytes -= old.bytes.len();
+                }
+            }
+        }
+        entry.notify.notify_waiters();
+    }
+
+    /// Tells watchers that the stream was created, deleted or replaced: they
+    /// re-check the store.
+    pub fn changed(&self, stream: &str) {
+        let Some(entry) = self.entry(stream) else {
+            return;
+        };
+        {
+            let mut ring = lock(&entry.ring);
+            ring.batches.clear();
+            ring.bytes = 0;
+            ring.epoch = None;
+        }
+        entry.changes.fetch_add(1, Ordering::AcqRel);
+        entry.notify.notify_waiters();
+    }
+}
+
+/// A watcher's hold on a stream's entry; dropping it releases the entry.
+#[derive(Debug)]
+pub struct Subscription {
+    hub: Hub,
+    stream: String,
+    entry: Arc<Entry>,
+    changes: u64,
+}
+
+impl Entry {
+    /// A future that completes at the next publish or change. Create it and
+    /// `enable()` it before looking at the ring, so no wake-up is lost.
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+}
+
+impl Subscription {
+    /// A future that completes at the next publish or change (see [`Entry::notified`]).
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.entry.notify.notified()
+    }
+
+    /// The stream's shared entry (to wait on it while the subscription is borrowed elsewhere).
+    pub fn entry(&self) -> Arc<Entry> {
+        self.entry.clone()
+    }
+
+    /// Whether the stream was created, deleted or replaced since the last
+    /// call (or since subscribing); the caller then re-checks the store.
+    pub fn take_change(&mut self) -> bool {
+        let now = self.entry.changes.load(Ordering::Acquire);
+        let changed = now != self.changes;
+        self.changes = now;
+        changed
+    }
+
+    /// The batches after seq `after` of epoch `epoch`.
+    pub fn read(&self, epoch: &str, after: u64) -> RingRead {
+        let ring = lock(&self.entry.ring);
+        match ring.epoch.as_deref() {
+            None => return RingRead::Nothing,
+            Some(e) if e != epoch => return RingRead::OtherEpoch,
+            Some(_) => {}
+        }
+        let Some(last) = ring.batches.back() else {
+            return RingRead::Nothing;
+        };
+        if last.last_seq <= after {
+            return RingRead::Nothing;
+        }
+        // Batches are contiguous and ordered: find the first with last_seq > after.
+        let start = ring.batches.partition_point(|b| b.last_seq <= after);
+        if ring.batches[start].first_seq > after + 1 {
+            return RingRead::Gap;
+        }
+        RingRead::Batches(ring.batches.range(start..).cloned().collect())
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut map = lock(&self.hub.inner.streams);
+        if self.entry.watchers.fetch_sub(1, Ordering::Relaxed) == 1 {
+            if let Some(e) = map.get(&self.stream) {
+                if Arc::ptr_eq(e, &self.entry) {
+                    map.remove(&self.stream);
+                }
+            }
+        }
+        drop(map);
+        self.hub.inner.watchers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(epoch: &str, first: u64, n: u64) -> Arc<Batch> {
+        let data: Vec<String> = (first..first + n).map(|s| format!("e{s}")).collect();
+        Arc::new(Batch::encode(
+            epoch,
+            first,
+            data.iter().map(|d| ("message", d.as_str())),
+            false,
+        ))
+    }
+
+    #[test]
+    fn entry_lives_while_subscribed() {
+        let hub = Hub::new(1 << 20);
+        let a = hub.subscribe("s");
+        let b = hub.subscribe("s");
+        assert_eq!((hub.entries(), hub.watchers_of("s")), (1, 2));
+        drop(a);
+        assert_eq!(hub.entries(), 1);
+        drop(b);
+        assert_eq!((hub.entries(), hub.watchers()), (0, 0));
+    }
+
+    #[test]
+    fn unwatched_publish_is_dropped() {
+        let hub = Hub::new(1 << 20);
+        hub.publish("s", batch("e", 1, 3));
+        let sub = hub.subscribe("s");
+        assert!(matches!(sub.read("e", 0), RingRead::Nothing));
+    }
+
+    #[test]
+    fn ring_reads_and_gaps() {
+        let hub = Hub::new(1 << 20);
+        let sub = hub.subscribe("s");
+        hub.publish("s", batch("e", 4, 3)); // 4..=6
+        hub.publish("s", batch("e", 7, 2)); // 7..=8
+        assert!(matches!(sub.read("e", 2), RingRead::Gap));
+        match sub.read("e", 5) {
+            RingRead::Batches(b) => {
+                assert_eq!(b.len(), 2);
+                assert_eq!(&b[0].after(5)[..], b"id: e-6\ndata: e6\n\n");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(sub.read("e", 8), RingRead::Nothing));
+        assert!(matches!(sub.read("x", 3), RingRead::OtherEpoch));
+    }
+
+    #[test]
+    fn ring_is_bounded_by_bytes() {
+        let hub = Hub::new(100);
+        let sub = hub.subscribe("s");
+        for i in 0..100 {
+            hub.publish("s", batch("e", 1 + i * 2, 2));
+        }
+        assert!(matches!(sub.read("e", 1), RingRead::Gap));
+        assert!(matches!(sub.read("e", 198), RingRead::Batches(_)));
+    }
+}

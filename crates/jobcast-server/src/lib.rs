@@ -1,0 +1,71 @@
+//! jobcast-server: the jobcast server as a library.
+//!
+//! It keeps the event log of long-running jobs in a durable store and streams
+//! it to any number of watchers over Server-Sent Events, so that a watcher
+//! who connects early, late or after a network cut sees every event exactly
+//! once, in order, and then the end.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = jobcast_server::Config::default();
+//! let server = jobcast_server::Jobcast::open(config).await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7700").await?;
+//! server.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+pub mod http;
+pub mod hub;
+pub mod server;
+pub mod store;
+pub mod time;
+pub mod watch;
+
+use std::future::Future;
+use std::sync::Arc;
+
+pub use config::{Config, SyncMode};
+pub use store::{Store, StoreError};
+use tokio_util::sync::CancellationToken;
+
+/// A jobcast server: its store, hub and configuration, ready to serve.
+#[derive(Debug, Clone)]
+pub struct Jobcast {
+    state: http::AppState,
+}
+
+impl Jobcast {
+    /// Opens the store named in `config` (migrating it) and starts its writer.
+    pub async fn open(config: Config) -> Result<Jobcast, StoreError> {
+        let hub = hub::Hub::new(config.ring_bytes);
+        let store = Store::open(&config, hub.clone()).await?;
+        Ok(Jobcast {
+            state: http::AppState {
+                store,
+                hub,
+                config: Arc::new(config),
+                shutdown: CancellationToken::new(),
+            },
+        })
+    }
+
+    /// The shared state (store, hub, configuration).
+    pub fn state(&self) -> &http::AppState {
+        &self.state
+    }
+
+    /// The router, for serving without the accept loop (e.g. `oneshot` in tests).
+    pub fn router(&self) -> axum::Router {
+        http::app(self.state.clone())
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then shuts down gracefully.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        server::serve(listener, self.state, shutdown).await
+    }
+}

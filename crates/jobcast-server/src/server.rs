@@ -1,0 +1,190 @@
+//! The accept loop and per-connection handling. jobcast owns its accept loop
+//! (not `axum::serve`): each connection runs `select!{connection, shutdown}`,
+//! and its socket is wrapped so that a write making no progress for the
+//! write timeout fails — when a client stops reading, hyper stops polling
+//! the body, so timers inside the body would never fire.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::time::{Instant, Sleep};
+use tokio_util::task::TaskTracker;
+
+use crate::http::AppState;
+
+/// Serves the API on `listener` until `shutdown` completes, then: stops
+/// accepting, tells every watcher `shutting_down`, lets requests in flight
+/// finish (bounded by the shutdown grace), and closes the store.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let router = crate::http::app(state.clone());
+    let conns = TaskTracker::new();
+    let token = state.shutdown.clone();
+    let write_timeout = state.config.write_timeout;
+    let grace = state.config.shutdown_grace;
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (sock, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: wait a little instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+            _ = token.cancelled() => break,
+        };
+        if let Err(e) = sock.set_nodelay(true) {
+            tracing::debug!(error = %e, %peer, "set_nodelay failed");
+        }
+        let svc = TowerToHyperService::new(router.clone());
+        let token = token.clone();
+        // One task per connection; it ends with the connection or at shutdown.
+        conns.spawn(async move {
+            let io = TokioIo::new(WriteTimeout::new(sock, write_timeout));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .serve_connection(io, svc);
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = token.cancelled() => {
+                    // Finish the request in flight; SSE bodies end themselves.
+                    conn.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(grace, conn.as_mut()).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(()),
+                    }
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!(connections = conns.len(), "shutting down");
+    token.cancel();
+    conns.close();
+    if tokio::time::timeout(grace + Duration::from_secs(1), conns.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            connections = conns.len(),
+            "connections still open after the grace period"
+        );
+    }
+    state.store.close().await;
+    Ok(())
+}
+
+/// A socket whose writes fail with `TimedOut` when no byte is accepted for
+/// the timeout: a stalled or vanished watcher is dropped, freeing its state.
+#[derive(Debug)]
+pub struct WriteTimeout<T> {
+    inner: T,
+    timeout: Duration,
+    /// Allocated once per connection and re-armed, never per write.
+    sleep: Pin<Box<Sleep>>,
+    armed: bool,
+}
+
+impl<T> WriteTimeout<T> {
+    /// Wraps `inner`.
+    pub fn new(inner: T, timeout: Duration) -> Self {
+        WriteTimeout {
+            inner,
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+            armed: false,
+        }
+    }
+
+    fn stalled<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {
+        if !self.armed {
+            self.armed = true;
+            self.sleep.as_mut().reset(Instant::now() + self.timeout);
+        }
+        match self.sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "write timed out: the peer accepted no bytes",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn progressed<R>(
+        &mut self,
+        r: Poll<io::Result<R>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<R>> {
+        match r {
+            Poll::Pending => self.stalled(cx),
+            ready => {
+                self.armed = false;
+                ready
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteTimeout<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.progressed(r, cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.progressed(r, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.progressed(r, cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.progressed(r, cx)
+    }
+}

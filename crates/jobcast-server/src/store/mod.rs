@@ -1,0 +1,305 @@
+//! The store: the durable log of every stream, the source of truth for
+//! replay. One writer task commits appends in groups and, right after each
+//! COMMIT, publishes the committed batches to the hub; reads are pages from a
+//! small read-only pool.
+//!
+//! [`Store`] dispatches over an enum of backends (a public `async fn` in a
+//! trait trips `async_fn_in_trait`); the types here hold no backend-specific
+//! types, so PostgreSQL fits behind the same surface.
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use jobcast_protocol::{EventId, StreamState};
+use serde::Serialize;
+
+use crate::{config::Config, hub::Hub};
+
+/// A store failure. Nothing was written when an append answers with it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database could not be reached or answered with an error.
+    #[error("the store is unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    /// Migrations could not be applied.
+    #[error("the store's schema could not be migrated")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    /// The writer task is gone (the server is shutting down).
+    #[error("the store is shutting down")]
+    Closed,
+    /// The database URL is not one jobcast can open.
+    #[error("unsupported database url {0:?} (expected sqlite://PATH)")]
+    UnsupportedUrl(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Unavailable(e)
+    }
+}
+
+/// A stream's metadata, read from one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamMeta {
+    /// The stream id.
+    pub id: String,
+    /// The internal key of this creation of the stream (never reused).
+    pub key: i64,
+    /// The epoch given at creation.
+    pub epoch: String,
+    /// open, completed or failed.
+    pub state: StreamState,
+    /// The seq of the last event (`jobcast.end` included); 0 when empty.
+    pub head: u64,
+    /// The lowest seq still kept (head + 1 when every event was trimmed).
+    pub first_seq: u64,
+    /// Creation time, unix milliseconds.
+    pub created_at: i64,
+    /// Time of the last change, unix milliseconds.
+    pub updated_at: i64,
+}
+
+impl StreamMeta {
+    /// Whether the stream has ended (its last event is `jobcast.end`).
+    pub fn ended(&self) -> bool {
+        self.state != StreamState::Open
+    }
+
+    /// The id of the last event, if any.
+    pub fn last_id(&self) -> Option<EventId> {
+        (self.head > 0).then(|| EventId::new(self.epoch.clone(), self.head))
+    }
+
+    /// The API's JSON body for this stream; `watchers` is counted on this node.
+    pub fn to_json(&self, watchers: usize) -> MetaJson<'_> {
+        MetaJson {
+            id: &self.id,
+            epoch: &self.epoch,
+            state: self.state.as_str(),
+            created_at: crate::time::rfc3339(self.created_at),
+            updated_at: crate::time::rfc3339(self.updated_at),
+            last_id: self.last_id().map(|i| i.to_string()),
+            events: self.head,
+            watchers,
+        }
+    }
+}
+
+/// The JSON body of a stream's metadata.
+#[derive(Debug, Serialize)]
+pub struct MetaJson<'a> {
+    id: &'a str,
+    epoch: &'a str,
+    state: &'static str,
+    created_at: String,
+    updated_at: String,
+    last_id: Option<String>,
+    events: u64,
+    watchers: usize,
+}
+
+/// An event to append, validated by the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// The event type.
+    pub event_type: String,
+    /// The data as it is stored and sent.
+    pub data: String,
+}
+
+/// An event read from the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Its seq.
+    pub seq: u64,
+    /// Its type.
+    pub event_type: String,
+    /// Its data.
+    pub data: String,
+    /// Commit time, unix milliseconds.
+    pub time: i64,
+}
+
+/// An Idempotency-Key with the hash of the request it came with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    /// The key as the client sent it.
+    pub key: String,
+    /// SHA-256 of the operation and its body.
+    pub hash: [u8; 32],
+}
+
+/// A write to a stream.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// Append events, creating the stream if needed.
+    Append(Vec<NewEvent>),
+    /// Create the stream if it does not exist.
+    Create,
+    /// End the stream: append `jobcast.end` with `data` and set the state.
+    End {
+        /// `completed` or `failed`.
+        state: StreamState,
+        /// The data of the `jobcast.end` event (JSON text).
+        data: String,
+    },
+    /// Delete the stream and its log.
+    Delete,
+}
+
+/// A request for the writer task.
+#[derive(Debug, Clone)]
+pub struct WriteRequest {
+    /// The stream written to.
+    pub stream: String,
+    /// What to do.
+    pub op: WriteOp,
+    /// The request's Idempotency-Key, for Append and End.
+    pub idempotency: Option<IdempotencyKey>,
+}
+
+/// A write that was refused; nothing was changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The stream has ended.
+    StreamEnded,
+    /// The stream does not exist.
+    NotFound,
+    /// The Idempotency-Key was used with another request.
+    IdempotencyKeyReused,
+}
+
+/// What a committed write produced.
+#[derive(Debug, Clone)]
+pub enum WriteOutcome {
+    /// Events were appended.
+    Appended {
+        /// The stream's epoch.
+        epoch: String,
+        /// The first new seq.
+        first_seq: u64,
+        /// The last new seq.
+        last_seq: u64,
+    },
+    /// The stream was created (`created`) or already existed.
+    Created {
+        /// Its metadata after the write.
+        meta: StreamMeta,
+        /// Whether this request created it.
+        created: bool,
+    },
+    /// The stream was ended.
+    Ended {
+        /// Its metadata after the write.
+        meta: StreamMeta,
+    },
+    /// The stream was deleted.
+    Deleted,
+    /// An earlier request with the same Idempotency-Key: its answer.
+    Replayed {
+        /// HTTP status of the first answer.
+        status: u16,
+        /// Body of the first answer.
+        body: String,
+    },
+    /// Refused; nothing changed.
+    Refused(Refusal),
+}
+
+/// The answer to an append, as JSON (`{"first_id","last_id","count"}`).
+pub fn append_response_body(epoch: &str, first_seq: u64, last_seq: u64) -> String {
+    serde_json::json!({
+        "first_id": EventId::new(epoch, first_seq).to_string(),
+        "last_id": EventId::new(epoch, last_seq).to_string(),
+        "count": last_seq + 1 - first_seq,
+    })
+    .to_string()
+}
+
+/// One consistent read: the stream's metadata and events after a seq.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// The metadata from the same snapshot as the events.
+    pub meta: StreamMeta,
+    /// Events with seq > the requested one, in order, at most the limit.
+    pub events: Vec<StoredEvent>,
+}
+
+/// A filter and cursor for listing streams.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Only streams in this state.
+    pub state: Option<StreamState>,
+    /// At most this many.
+    pub limit: u32,
+    /// Only streams created before the one with this key (the cursor).
+    pub before_key: Option<i64>,
+}
+
+/// The durable log, dispatched over its backends.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// The embedded default.
+    Sqlite(SqliteStore),
+}
+
+impl Store {
+    /// Opens the store named by `config.db`, runs migrations and starts the
+    /// writer task, which publishes committed batches to `hub`.
+    pub async fn open(config: &Config, hub: Hub) -> Result<Store, StoreError> {
+        if config.db.starts_with("sqlite:") {
+            Ok(Store::Sqlite(SqliteStore::open(config, hub).await?))
+        } else {
+            Err(StoreError::UnsupportedUrl(config.db.clone()))
+        }
+    }
+
+    /// Hands a write to the writer task and waits until it is committed.
+    pub async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.write(req).await,
+        }
+    }
+
+    /// The metadata of a stream.
+    pub async fn meta(&self, stream: &str) -> Result<Option<StreamMeta>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.meta(stream).await,
+        }
+    }
+
+    /// The metadata and up to `limit` events with seq > `after`, from one snapshot.
+    pub async fn read(
+        &self,
+        stream: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Option<Page>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.read(stream, after, limit).await,
+        }
+    }
+
+    /// Streams, newest created first.
+    pub async fn list(&self, q: &ListQuery) -> Result<Vec<StreamMeta>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.list(q).await,
+        }
+    }
+
+    /// Whether the store answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.ping().await,
+        }
+    }
+
+    /// Stops the writer after it committed what is queued, and closes connections.
+    pub async fn close(&self) {
+        match self {
+            Store::Sqlite(s) => s.close().await,
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The `jobcast` command: the server and its tools.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use jobcast_server::{Config, Jobcast, SyncMode};
+
+/// jobcast: the event log of long-running jobs, streamed to every watcher over SSE.
+#[derive(Debug, Parser)]
+#[command(name = "jobcast", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+}
+
+/// How hard SQLite syncs.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Sync {
+    /// Survives a killed process (WAL, synchronous=NORMAL).
+    Normal,
+    /// Survives a power loss too (synchronous=FULL).
+    Full,
+}
+
+fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "JOBCAST_LISTEN", default_value = "127.0.0.1:7700")]
+    listen: SocketAddr,
+    /// Database URL: sqlite://PATH (created if missing).
+    #[arg(long, env = "JOBCAST_DB", default_value = "sqlite://jobcast.db")]
+    db: String,
+    /// SQLite durability: normal survives kill -9, full also survives power loss.
+    #[arg(long, env = "JOBCAST_SYNC", value_enum, default_value = "normal")]
+    sync: Sync,
+    /// A comment line is sent on idle SSE connections this often.
+    #[arg(long, env = "JOBCAST_HEARTBEAT", default_value = "15s", value_parser = duration)]
+    heartbeat: Duration,
+    /// The reconnect delay sent to SSE clients as `retry:`.
+    #[arg(long, env = "JOBCAST_RETRY", default_value = "3s", value_parser = duration)]
+    retry: Duration,
+    /// Cap on `?wait=` for streams that do not exist yet (default wait 90s).
+    #[arg(long, env = "JOBCAST_MAX_WAIT", default_value = "10m", value_parser = duration)]
+    max_wait: Duration,
+    /// An SSE connection ends after this long (jittered); clients resume.
+    #[arg(long, env = "JOBCAST_MAX_DURATION", default_value = "1h", value_parser = duration)]
+    max_duration: Duration,
+    /// A connection whose socket accepts no bytes for this long is dropped.
+    #[arg(long, env = "JOBCAST_WRITE_TIMEOUT", default_value = "30s", value_parser = duration)]
+    write_timeout: Duration,
+    /// Largest event data, in bytes.
+    #[arg(long, env = "JOBCAST_MAX_EVENT_BYTES", default_value_t = 1 << 20)]
+    max_event_bytes: usize,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("jobcast: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("JOBCAST_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if args.max_event_bytes == 0 {
+        bail!("--max-event-bytes must be at least 1");
+    }
+    let config = Config {
+        db: args.db.clone(),
+        sync: match args.sync {
+            Sync::Normal => SyncMode::Normal,
+            Sync::Full => SyncMode::Full,
+        },
+        heartbeat: args.heartbeat,
+        retry: args.retry,
+        max_wait: args.max_wait,
+        max_duration: args.max_duration,
+        write_timeout: args.write_timeout,
+        max_event_bytes: args.max_event_bytes,
+        ..Config::default()
+    };
+    let server = Jobcast::open(config)
+        .await
+        .with_context(|| format!("opening the store {}", args.db))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, db = %args.db, "jobcast listening");
+    server.serve(listener, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes at Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
