@@ -31,6 +31,8 @@ pub struct Batch {
     pub offsets: Vec<u32>,
     /// Whether the last event is `jobcast.end`.
     pub ends: bool,
+    /// When it was encoded, right after its commit (for the latency histogram).
+    pub published_at: std::time::Instant,
 }
 
 impl Batch {
@@ -57,6 +59,7 @@ impl Batch {
             bytes: Bytes::from(buf),
             offsets,
             ends,
+            published_at: std::time::Instant::now(),
         }
     }
 

@@ -17,6 +17,7 @@
 pub mod config;
 pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod time;
@@ -39,11 +40,13 @@ impl Jobcast {
     /// Opens the store named in `config` (migrating it) and starts its writer.
     pub async fn open(config: Config) -> Result<Jobcast, StoreError> {
         let hub = hub::Hub::new(config.ring_bytes);
-        let store = Store::open(&config, hub.clone()).await?;
+        let metrics = metrics::Metrics::new();
+        let store = Store::open(&config, hub.clone(), metrics.clone()).await?;
         Ok(Jobcast {
             state: http::AppState {
                 store,
                 hub,
+                metrics,
                 config: Arc::new(config),
                 shutdown: CancellationToken::new(),
             },

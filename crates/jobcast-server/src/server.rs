@@ -53,9 +53,10 @@ pub async fn serve(
         }
         let svc = TowerToHyperService::new(router.clone());
         let token = token.clone();
+        let metrics = state.metrics.clone();
         // One task per connection; it ends with the connection or at shutdown.
         conns.spawn(async move {
-            let io = TokioIo::new(WriteTimeout::new(sock, write_timeout));
+            let io = TokioIo::new(WriteTimeout::new(sock, write_timeout, metrics));
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(30))
@@ -103,16 +104,18 @@ pub struct WriteTimeout<T> {
     /// Allocated once per connection and re-armed, never per write.
     sleep: Pin<Box<Sleep>>,
     armed: bool,
+    metrics: crate::metrics::Metrics,
 }
 
 impl<T> WriteTimeout<T> {
     /// Wraps `inner`.
-    pub fn new(inner: T, timeout: Duration) -> Self {
+    pub fn new(inner: T, timeout: Duration, metrics: crate::metrics::Metrics) -> Self {
         WriteTimeout {
             inner,
             timeout,
             sleep: Box::pin(tokio::time::sleep(timeout)),
             armed: false,
+            metrics,
         }
     }
 
@@ -122,10 +125,13 @@ impl<T> WriteTimeout<T> {
             self.sleep.as_mut().reset(Instant::now() + self.timeout);
         }
         match self.sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "write timed out: the peer accepted no bytes",
-            ))),
+            Poll::Ready(()) => {
+                self.metrics.write_timeout();
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "write timed out: the peer accepted no bytes",
+                )))
+            }
             Poll::Pending => Poll::Pending,
         }
     }

@@ -87,6 +87,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if args.max_event_bytes == 0 {
         bail!("--max-event-bytes must be at least 1");

@@ -32,7 +32,9 @@ pub(super) async fn append(
         max_event_bytes: state.config.max_event_bytes,
         max_batch: state.config.max_batch,
     };
+    let started = std::time::Instant::now();
     let events = input::parse_append(&body, limits)?;
+    let count = events.len() as u64;
     let idempotency = input::idempotency_key(&headers, "append", &body)?;
     let req = WriteRequest {
         stream: id.to_owned(),
@@ -44,10 +46,13 @@ pub(super) async fn append(
             epoch,
             first_seq,
             last_seq,
-        } => Ok(json_response(
-            StatusCode::CREATED,
-            append_response_body(&epoch, first_seq, last_seq),
-        )),
+        } => {
+            state.metrics.appended(count, started.elapsed());
+            Ok(json_response(
+                StatusCode::CREATED,
+                append_response_body(&epoch, first_seq, last_seq),
+            ))
+        }
         WriteOutcome::Replayed { status, body } => Ok(replayed(status, body)),
         WriteOutcome::Refused(r) => Err(refusal(id, r)),
         other => Err(unexpected(other)),

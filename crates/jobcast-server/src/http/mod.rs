@@ -29,6 +29,8 @@ pub struct AppState {
     pub store: Store,
     /// Live batches for watchers on this node.
     pub hub: Hub,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
     /// The configuration.
     pub config: Arc<Config>,
     /// Cancelled when the server shuts down: watchers get `shutting_down`.
@@ -53,6 +55,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/streams/{id}/fail", post(streams::fail))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // RawBody enforces the configured limit with a JSON error instead.
@@ -154,6 +157,15 @@ async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError> {
         StatusCode::OK,
         r#"{"status":"ready"}"#.into(),
     ))
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut res = state.metrics.encode().into_response();
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    res
 }
 
 async fn not_found() -> ApiError {

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use super::{ApiError, AppState, VARY};
 use crate::hub::{RingRead, Subscription};
+use crate::metrics::{CloseReason, ResumeOutcome};
 use crate::store::StoreError;
 use crate::watch::{self, Cursor, PageStep, Resume};
 
@@ -31,6 +32,7 @@ pub(super) async fn watch(
     let sub = state.hub.subscribe(&stream);
     let meta = state.store.meta(&stream).await?;
     if meta.as_ref().is_some_and(|m| watch::at_end(m, &resume)) {
+        state.metrics.resume(ResumeOutcome::NoContent);
         let mut res = StatusCode::NO_CONTENT.into_response();
         set_headers(&mut res, false);
         return Ok(res);
@@ -41,6 +43,7 @@ pub(super) async fn watch(
     let jitter = max.mul_f64(rand::rng().random_range(0.0..0.1));
     let mut head = Vec::with_capacity(64);
     encode::retry(&mut head, state.config.retry.as_millis() as u64);
+    state.metrics.watch_opened();
     let mut w = Watcher {
         heartbeat_at: now + state.config.heartbeat,
         close_at: now + (max - jitter),
@@ -52,6 +55,7 @@ pub(super) async fn watch(
         failing_since: None,
         attempt: 0,
         done: false,
+        close_reason: CloseReason::ClientGone,
         state,
     };
     if let Some(m) = meta {
@@ -102,6 +106,14 @@ struct Watcher {
     failing_since: Option<Instant>,
     attempt: u32,
     done: bool,
+    /// Reported when the watcher is dropped (ClientGone unless it closed itself).
+    close_reason: CloseReason,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.state.metrics.watch_closed(self.close_reason);
+    }
 }
 
 /// What one step produced.
@@ -109,7 +121,7 @@ enum Step {
     /// Write and go on.
     Write(Bytes),
     /// Write (if anything) and end the response.
-    Close(Option<Bytes>),
+    Close(Option<Bytes>, CloseReason),
     /// Look again (something changed).
     Again,
 }
@@ -138,6 +150,13 @@ impl Watcher {
     /// Places the cursor in the stream `meta` describes; returns the reset to send, if any.
     fn begin(&mut self, meta: &crate::store::StreamMeta) -> Option<Bytes> {
         let start = watch::start(meta, &self.resume);
+        self.state
+            .metrics
+            .resume(match (&start.reset, &self.resume) {
+                (Some(_), _) => ResumeOutcome::Reset,
+                (None, Resume::After(_)) => ResumeOutcome::Resumed,
+                (None, _) => ResumeOutcome::FromStart,
+            });
         self.cursor = Some(Cursor::new(meta, &start));
         // The store was read after subscribing; changes before that are seen.
         self.sub.take_change();
@@ -154,11 +173,13 @@ impl Watcher {
                     self.heartbeat_at = Instant::now() + self.state.config.heartbeat;
                     if self.cursor.as_ref().is_some_and(|c| c.ended) {
                         self.done = true;
+                        self.close_reason = CloseReason::End;
                     }
                     return Some(b);
                 }
-                Step::Close(b) => {
+                Step::Close(b, reason) => {
                     self.done = true;
+                    self.close_reason = reason;
                     if b.is_some() {
                         return b;
                     }
@@ -170,19 +191,25 @@ impl Watcher {
 
     fn shutting_down(&self) -> Step {
         let retry = self.state.config.retry.as_millis() as u64;
-        Step::Close(Some(error_event(
-            "shutting_down",
-            "the server is shutting down; reconnect to resume",
-            Some(retry),
-        )))
+        Step::Close(
+            Some(error_event(
+                "shutting_down",
+                "the server is shutting down; reconnect to resume",
+                Some(retry),
+            )),
+            CloseReason::Shutdown,
+        )
     }
 
     fn deleted() -> Step {
-        Step::Close(Some(error_event(
-            "stream_deleted",
-            "the stream was deleted",
-            None,
-        )))
+        Step::Close(
+            Some(error_event(
+                "stream_deleted",
+                "the stream was deleted",
+                None,
+            )),
+            CloseReason::Deleted,
+        )
     }
 
     /// A store call failed: back off (heartbeats continue), or give up with
@@ -195,11 +222,14 @@ impl Watcher {
         }
         tracing::debug!(stream = %self.stream, error = %e, attempt = self.attempt, "watcher store read failed");
         if now.duration_since(since) >= self.state.config.store_retry_limit {
-            return Step::Close(Some(error_event(
-                "store_unavailable",
-                "the store is unavailable; reconnect to resume",
-                Some(watch::store_backoff(self.attempt, 1.0).as_millis() as u64),
-            )));
+            return Step::Close(
+                Some(error_event(
+                    "store_unavailable",
+                    "the store is unavailable; reconnect to resume",
+                    Some(watch::store_backoff(self.attempt, 1.0).as_millis() as u64),
+                )),
+                CloseReason::StoreUnavailable,
+            );
         }
         let delay = watch::store_backoff(self.attempt, rand::rng().random_range(0.0..1.0));
         self.attempt = self.attempt.saturating_add(1);
@@ -236,7 +266,7 @@ impl Watcher {
         let now = Instant::now();
         if now >= self.close_at {
             // Maximum duration: end cleanly; the client resumes with Last-Event-ID.
-            return Step::Close(None);
+            return Step::Close(None, CloseReason::MaxDuration);
         }
         match self.look().await {
             Ok(Some(step)) => return step,
@@ -273,13 +303,14 @@ impl Watcher {
                         None => Step::Again,
                     }))
                 }
-                None if Instant::now() >= self.wait_until => {
-                    Ok(Some(Step::Close(Some(error_event(
+                None if Instant::now() >= self.wait_until => Ok(Some(Step::Close(
+                    Some(error_event(
                         "stream_not_found",
                         "the stream does not exist (waited for it to be created)",
                         None,
-                    )))))
-                }
+                    )),
+                    CloseReason::NotFound,
+                ))),
                 None => {
                     self.store_ok();
                     Ok(None)
@@ -296,6 +327,11 @@ impl Watcher {
         match self.sub.read(&epoch, cursor.sent) {
             RingRead::Batches(batches) => {
                 if let Some(frame) = cursor.take_batches(&batches) {
+                    let m = &self.state.metrics;
+                    m.delivered(frame.last_seq + 1 - frame.first_seq, false);
+                    if let Some(b) = batches.first() {
+                        m.publish_to_write(b.published_at.elapsed());
+                    }
                     return Ok(Some(Step::Write(frame.bytes)));
                 }
                 // Not contiguous after all: the gap is read from the store.
@@ -305,7 +341,7 @@ impl Watcher {
                     return Ok(Some(Self::deleted()));
                 }
             }
-            RingRead::Gap => {}
+            RingRead::Gap => self.state.metrics.slow_fallback(),
             RingRead::Nothing if !cursor.behind() => return Ok(None),
             RingRead::Nothing => {}
         }
@@ -337,17 +373,25 @@ impl Watcher {
             return Ok(Some(Self::deleted()));
         }
         Ok(match cursor.take_page(&page.meta, &page.events) {
-            PageStep::Write(frame) => Some(Step::Write(frame.bytes)),
+            PageStep::Write(frame) => {
+                self.state
+                    .metrics
+                    .delivered(frame.last_seq + 1 - frame.first_seq, true);
+                Some(Step::Write(frame.bytes))
+            }
             PageStep::Nothing => {
                 // The store has nothing newer: believe it, and wait for the ring.
                 cursor.known_head = cursor.sent;
                 None
             }
-            PageStep::Trimmed => Some(Step::Close(Some(error_event(
-                "lagged_beyond_retention",
-                "events after your position were removed by retention; reconnect to continue",
-                Some(0),
-            )))),
+            PageStep::Trimmed => Some(Step::Close(
+                Some(error_event(
+                    "lagged_beyond_retention",
+                    "events after your position were removed by retention; reconnect to continue",
+                    Some(0),
+                )),
+                CloseReason::Lagged,
+            )),
         })
     }
 }

@@ -14,7 +14,7 @@ pub use sqlite::SqliteStore;
 use jobcast_protocol::{EventId, StreamState};
 use serde::Serialize;
 
-use crate::{config::Config, hub::Hub};
+use crate::{config::Config, hub::Hub, metrics::Metrics};
 
 /// A store failure. Nothing was written when an append answers with it.
 #[derive(Debug, thiserror::Error)]
@@ -248,9 +248,11 @@ pub enum Store {
 impl Store {
     /// Opens the store named by `config.db`, runs migrations and starts the
     /// writer task, which publishes committed batches to `hub`.
-    pub async fn open(config: &Config, hub: Hub) -> Result<Store, StoreError> {
+    pub async fn open(config: &Config, hub: Hub, metrics: Metrics) -> Result<Store, StoreError> {
         if config.db.starts_with("sqlite:") {
-            Ok(Store::Sqlite(SqliteStore::open(config, hub).await?))
+            Ok(Store::Sqlite(
+                SqliteStore::open(config, hub, metrics).await?,
+            ))
         } else {
             Err(StoreError::UnsupportedUrl(config.db.clone()))
         }
@@ -259,14 +261,14 @@ impl Store {
     /// Hands a write to the writer task and waits until it is committed.
     pub async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
         match self {
-            Store::Sqlite(s) => s.write(req).await,
+            Store::Sqlite(s) => s.metrics().counted(s.write(req).await),
         }
     }
 
     /// The metadata of a stream.
     pub async fn meta(&self, stream: &str) -> Result<Option<StreamMeta>, StoreError> {
         match self {
-            Store::Sqlite(s) => s.meta(stream).await,
+            Store::Sqlite(s) => s.metrics().counted(s.meta(stream).await),
         }
     }
 
@@ -278,21 +280,21 @@ impl Store {
         limit: u32,
     ) -> Result<Option<Page>, StoreError> {
         match self {
-            Store::Sqlite(s) => s.read(stream, after, limit).await,
+            Store::Sqlite(s) => s.metrics().counted(s.read(stream, after, limit).await),
         }
     }
 
     /// Streams, newest created first.
     pub async fn list(&self, q: &ListQuery) -> Result<Vec<StreamMeta>, StoreError> {
         match self {
-            Store::Sqlite(s) => s.list(q).await,
+            Store::Sqlite(s) => s.metrics().counted(s.list(q).await),
         }
     }
 
     /// Whether the store answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
-            Store::Sqlite(s) => s.ping().await,
+            Store::Sqlite(s) => s.metrics().counted(s.ping().await),
         }
     }
 

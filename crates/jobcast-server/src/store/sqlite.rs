@@ -21,6 +21,7 @@ use super::{
 };
 use crate::config::{Config, SyncMode};
 use crate::hub::{Batch, Hub};
+use crate::metrics::Metrics;
 
 /// Most events committed in one transaction (a group never waits to fill).
 const GROUP_MAX_EVENTS: usize = 1000;
@@ -44,6 +45,7 @@ struct Inner {
     pool: SqlitePool,
     stop: CancellationToken,
     tasks: TaskTracker,
+    metrics: Metrics,
 }
 
 const META_COLUMNS: &str = "key, id, epoch, state, head, first_seq, created_at, updated_at";
@@ -67,7 +69,11 @@ fn meta_from_row(row: &SqliteRow) -> Result<StreamMeta, sqlx::Error> {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database, migrates it and starts the writer.
-    pub async fn open(config: &Config, hub: Hub) -> Result<SqliteStore, StoreError> {
+    pub async fn open(
+        config: &Config,
+        hub: Hub,
+        metrics: Metrics,
+    ) -> Result<SqliteStore, StoreError> {
         let sync = match config.sync {
             SyncMode::Normal => SqliteSynchronous::Normal,
             SyncMode::Full => SqliteSynchronous::Full,
@@ -111,8 +117,13 @@ impl SqliteStore {
                 pool,
                 stop,
                 tasks,
+                metrics,
             }),
         })
+    }
+
+    pub(super) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     pub(super) async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
@@ -209,8 +220,37 @@ struct Writer {
 
 /// What to tell the hub once the transaction committed.
 enum Publish {
-    Batch(String, Arc<Batch>),
+    /// The events of request `index` of the group were committed from `first_seq`.
+    Events {
+        index: usize,
+        epoch: String,
+        first_seq: u64,
+    },
+    /// The stream was created, deleted or replaced.
     Changed(String),
+}
+
+/// Encodes a committed request's events for the hub. Called after COMMIT:
+/// a watcher subscribing after this check reads the store after the commit,
+/// one subscribing before it gets the batch.
+fn encode(req: &WriteRequest, epoch: &str, first_seq: u64) -> Option<Batch> {
+    match &req.op {
+        WriteOp::Append(events) => Some(Batch::encode(
+            epoch,
+            first_seq,
+            events
+                .iter()
+                .map(|e| (e.event_type.as_str(), e.data.as_str())),
+            false,
+        )),
+        WriteOp::End { data, .. } => Some(Batch::encode(
+            epoch,
+            first_seq,
+            [(END_EVENT, data.as_str())],
+            true,
+        )),
+        WriteOp::Create | WriteOp::Delete => None,
+    }
 }
 
 fn size_of(req: &WriteRequest) -> (usize, usize) {
@@ -267,8 +307,8 @@ impl Writer {
         let mut publish = Vec::new();
         let result: Result<(), sqlx::Error> = async {
             let mut tx = self.conn.begin().await?;
-            for (req, _) in group.iter() {
-                outcomes.push(apply(&mut tx, &self.hub, req, &mut publish).await?);
+            for (index, (req, _)) in group.iter().enumerate() {
+                outcomes.push(apply(&mut tx, &self.hub, index, req, &mut publish).await?);
             }
             tx.commit().await
         }
@@ -279,7 +319,18 @@ impl Writer {
                 // the commit must not leave watchers without the batch.
                 for p in publish {
                     match p {
-                        Publish::Batch(stream, batch) => self.hub.publish(&stream, batch),
+                        Publish::Events {
+                            index,
+                            epoch,
+                            first_seq,
+                        } => {
+                            let req = &group[index].0;
+                            if self.hub.is_watched(&req.stream) {
+                                if let Some(batch) = encode(req, &epoch, first_seq) {
+                                    self.hub.publish(&req.stream, Arc::new(batch));
+                                }
+                            }
+                        }
                         Publish::Changed(stream) => {
                             self.purge_pending = true;
                             self.hub.changed(&stream)
@@ -463,6 +514,7 @@ async fn insert_events<'a>(
 async fn apply(
     conn: &mut SqliteConnection,
     hub: &Hub,
+    index: usize,
     req: &WriteRequest,
     publish: &mut Vec<Publish>,
 ) -> Result<WriteOutcome, sqlx::Error> {
@@ -532,10 +584,11 @@ async fn apply(
             meta.head = last_seq;
             let body = append_response_body(&meta.epoch, first_seq, last_seq);
             remember(conn, &meta, req, 201, &body).await?;
-            if hub.is_watched(&req.stream) {
-                let batch = Batch::encode(&meta.epoch, first_seq, pairs(), false);
-                publish.push(Publish::Batch(req.stream.clone(), Arc::new(batch)));
-            }
+            publish.push(Publish::Events {
+                index,
+                epoch: meta.epoch.clone(),
+                first_seq,
+            });
             Ok(WriteOutcome::Appended {
                 epoch: meta.epoch,
                 first_seq,
@@ -575,10 +628,11 @@ async fn apply(
             let body = serde_json::to_string(&meta.to_json(hub.watchers_of(&req.stream)))
                 .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
             remember(conn, &meta, req, 200, &body).await?;
-            if hub.is_watched(&req.stream) {
-                let batch = Batch::encode(&meta.epoch, seq, [(END_EVENT, data.as_str())], true);
-                publish.push(Publish::Batch(req.stream.clone(), Arc::new(batch)));
-            }
+            publish.push(Publish::Events {
+                index,
+                epoch: meta.epoch.clone(),
+                first_seq: seq,
+            });
             Ok(WriteOutcome::Ended { meta })
         }
     }

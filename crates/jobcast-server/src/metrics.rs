@@ -1,0 +1,273 @@
+//! Prometheus metrics (`GET /metrics`), `jobcast_` prefix, units in names.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Why a watch connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// `jobcast.end` was sent.
+    End,
+    /// The client went away, or a write failed or timed out.
+    ClientGone,
+    /// `--max-duration` reached.
+    MaxDuration,
+    /// The server is shutting down.
+    Shutdown,
+    /// The stream was deleted.
+    Deleted,
+    /// The stream did not appear within the wait.
+    NotFound,
+    /// The store failed for too long.
+    StoreUnavailable,
+    /// The watcher fell behind retention.
+    Lagged,
+}
+
+impl CloseReason {
+    fn label(self) -> &'static str {
+        match self {
+            CloseReason::End => "end",
+            CloseReason::ClientGone => "client_gone",
+            CloseReason::MaxDuration => "max_duration",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Deleted => "deleted",
+            CloseReason::NotFound => "not_found",
+            CloseReason::StoreUnavailable => "store_unavailable",
+            CloseReason::Lagged => "lagged",
+        }
+    }
+}
+
+/// How a watch started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResumeOutcome {
+    /// No resume point: the whole log (or live).
+    FromStart,
+    /// Continued after the client's id.
+    Resumed,
+    /// A `jobcast.reset` was sent.
+    Reset,
+    /// Answered 204: the client already had the end.
+    NoContent,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
+/// Every metric the server keeps; a cheap handle.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    watchers: Gauge,
+    opened: Counter,
+    closed: Family<Reason, Counter>,
+    appended: Counter,
+    delivered: Counter,
+    replayed: Counter,
+    slow_fallbacks: Counter,
+    resumes: Family<Outcome, Counter>,
+    store_errors: Counter,
+    write_timeouts: Counter,
+    append_seconds: Histogram,
+    publish_to_write_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every family registered.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("jobcast");
+        let watchers = Gauge::default();
+        let opened = Counter::default();
+        let closed = Family::<Reason, Counter>::default();
+        let appended = Counter::default();
+        let delivered = Counter::default();
+        let replayed = Counter::default();
+        let slow_fallbacks = Counter::default();
+        let resumes = Family::<Outcome, Counter>::default();
+        let store_errors = Counter::default();
+        let write_timeouts = Counter::default();
+        // 50 µs .. ~26 s
+        let append_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 20));
+        let publish_to_write_seconds = Histogram::new(exponential_buckets(0.000_01, 2.0, 22));
+        registry.register("watchers", "SSE watchers connected", watchers.clone());
+        registry.register(
+            "connections_opened",
+            "SSE watch connections opened",
+            opened.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "SSE watch connections closed, by reason",
+            closed.clone(),
+        );
+        registry.register(
+            "events_appended",
+            "Events committed to the store",
+            appended.clone(),
+        );
+        registry.register(
+            "events_delivered",
+            "Events written to watchers",
+            delivered.clone(),
+        );
+        registry.register(
+            "events_replayed_from_store",
+            "Events written to watchers from store pages",
+            replayed.clone(),
+        );
+        registry.register(
+            "slow_watcher_fallbacks",
+            "Times a watcher fell out of the live ring and read the store",
+            slow_fallbacks.clone(),
+        );
+        registry.register("resumes", "Watch starts, by outcome", resumes.clone());
+        registry.register(
+            "store_errors",
+            "Store calls that failed",
+            store_errors.clone(),
+        );
+        registry.register(
+            "write_timeouts",
+            "Connections dropped because the peer accepted no bytes in time",
+            write_timeouts.clone(),
+        );
+        registry.register(
+            "append_duration_seconds",
+            "Time from receiving an append to its commit",
+            append_seconds.clone(),
+        );
+        registry.register(
+            "publish_to_write_seconds",
+            "Time from publishing a batch to handing it to a watcher's connection",
+            publish_to_write_seconds.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                watchers,
+                opened,
+                closed,
+                appended,
+                delivered,
+                replayed,
+                slow_fallbacks,
+                resumes,
+                store_errors,
+                write_timeouts,
+                append_seconds,
+                publish_to_write_seconds,
+            }),
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
+        out
+    }
+
+    /// A watch connection opened.
+    pub fn watch_opened(&self) {
+        self.inner.opened.inc();
+        self.inner.watchers.inc();
+    }
+
+    /// A watch connection closed.
+    pub fn watch_closed(&self, reason: CloseReason) {
+        self.inner.watchers.dec();
+        self.inner
+            .closed
+            .get_or_create(&Reason {
+                reason: reason.label(),
+            })
+            .inc();
+    }
+
+    /// How a watch started.
+    pub fn resume(&self, outcome: ResumeOutcome) {
+        let outcome = match outcome {
+            ResumeOutcome::FromStart => "from_start",
+            ResumeOutcome::Resumed => "resumed",
+            ResumeOutcome::Reset => "reset",
+            ResumeOutcome::NoContent => "no_content",
+        };
+        self.inner.resumes.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    /// Events committed, and how long the append took.
+    pub fn appended(&self, events: u64, took: Duration) {
+        self.inner.appended.inc_by(events);
+        self.inner.append_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Events written to a watcher; `from_store` when read from a store page.
+    pub fn delivered(&self, events: u64, from_store: bool) {
+        self.inner.delivered.inc_by(events);
+        if from_store {
+            self.inner.replayed.inc_by(events);
+        }
+    }
+
+    /// A live batch reached a watcher's connection this long after publishing.
+    pub fn publish_to_write(&self, took: Duration) {
+        self.inner
+            .publish_to_write_seconds
+            .observe(took.as_secs_f64());
+    }
+
+    /// A watcher fell out of the ring and reads the store.
+    pub fn slow_fallback(&self) {
+        self.inner.slow_fallbacks.inc();
+    }
+
+    /// A store call failed.
+    pub fn store_error(&self) {
+        self.inner.store_errors.inc();
+    }
+
+    /// Passes a store result through, counting it when it is an error.
+    pub fn counted<T, E>(&self, r: Result<T, E>) -> Result<T, E> {
+        if r.is_err() {
+            self.store_error();
+        }
+        r
+    }
+
+    /// A connection was dropped by the write timeout.
+    pub fn write_timeout(&self) {
+        self.inner.write_timeouts.inc();
+    }
+
+    /// The current value of the watchers gauge.
+    pub fn watchers(&self) -> i64 {
+        self.inner.watchers.get()
+    }
+}

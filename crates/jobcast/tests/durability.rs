@@ -1,0 +1,143 @@
+//! Guarantee 1: an append is acknowledged only once committed, so a
+//! `kill -9` of the server loses no acknowledged event.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Starts the real binary on 127.0.0.1:0 and returns it with its base URL
+/// (read from its "listening" log line).
+fn start(db: &str) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_jobcast"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--db", db])
+        .env("JOBCAST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn jobcast");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("addr=").nth(1) {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+                }
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("server did not log its address");
+    (child, format!("http://{addr}"))
+}
+
+/// (stream, first seq, last seq, data prefix) of an acknowledged append.
+type Ack = (String, u64, u64, String);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_acknowledged_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("d.db").display());
+    let (mut child, url) = start(&db);
+    let client = reqwest::Client::new();
+    let acked: Arc<Mutex<Vec<Ack>>> = Arc::default();
+    let mut producers = Vec::new();
+    for p in 0..8 {
+        let (client, url, acked) = (client.clone(), url.clone(), acked.clone());
+        producers.push(tokio::spawn(async move {
+            let stream = format!("job-{}", p % 4);
+            for i in 0..100_000u64 {
+                let tag = format!("p{p}-i{i}");
+                let body: Vec<_> = (0..(1 + i % 10))
+                    .map(|k| serde_json::json!({ "data": format!("{tag}-k{k}") }))
+                    .collect();
+                let res = client
+                    .post(format!("{url}/v1/streams/{stream}/events"))
+                    .header("content-type", "application/json")
+                    .body(serde_json::Value::from(body).to_string())
+                    .send()
+                    .await;
+                let Ok(res) = res else { return };
+                if res.status() != 201 {
+                    return;
+                }
+                let Ok(v) = res.json::<serde_json::Value>().await else {
+                    return;
+                };
+                let seq = |k: &str| {
+                    v[k].as_str()
+                        .unwrap()
+                        .rsplit('-')
+                        .next()
+                        .unwrap()
+                        .parse::<u64>()
+                        .unwrap()
+                };
+                acked
+                    .lock()
+                    .unwrap()
+                    .push((stream.clone(), seq("first_id"), seq("last_id"), tag));
+            }
+        }));
+    }
+    // Let appends flow, then kill -9 in the middle of them.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    child.kill().expect("kill -9");
+    child.wait().unwrap();
+    for p in producers {
+        p.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 50,
+        "too few appends were acknowledged: {}",
+        acked.len()
+    );
+
+    let (mut child, url) = start(&db);
+    let mut logs = std::collections::HashMap::new();
+    for s in 0..4 {
+        let stream = format!("job-{s}");
+        let mut all = Vec::new();
+        let mut after = String::new();
+        loop {
+            let q = if after.is_empty() {
+                String::new()
+            } else {
+                format!("&after={after}")
+            };
+            let v: serde_json::Value = client
+                .get(format!("{url}/v1/streams/{stream}/events?limit=1000{q}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let events = v["events"].as_array().unwrap().clone();
+            if events.is_empty() {
+                break;
+            }
+            after = v["next"].as_str().unwrap().to_owned();
+            all.extend(events);
+        }
+        for (i, e) in all.iter().enumerate() {
+            assert_eq!(e["seq"].as_u64().unwrap(), i as u64 + 1, "seqs are dense");
+        }
+        logs.insert(stream, all);
+    }
+    for (stream, first, last, tag) in &acked {
+        let log = &logs[stream];
+        for (k, seq) in (*first..=*last).enumerate() {
+            let e = log
+                .get(seq as usize - 1)
+                .unwrap_or_else(|| panic!("{stream} lost acknowledged seq {seq}"));
+            assert_eq!(e["data"], format!("{tag}-k{k}"), "{stream} seq {seq}");
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
