@@ -45,6 +45,16 @@ pub struct Config {
     pub store_retry_limit: Duration,
     /// How long shutdown waits for requests in flight.
     pub shutdown_grace: Duration,
+    /// Ended streams are deleted this long after they ended.
+    pub retention_ttl: Duration,
+    /// Keep at most this many events per stream (older ones are trimmed).
+    pub max_events_per_stream: Option<u64>,
+    /// Idempotency keys are kept at least this long (and at most as long as their stream).
+    pub idempotency_ttl: Duration,
+    /// How often the writer looks for expired streams and keys.
+    pub retention_interval: Duration,
+    /// How long a store call waits for a lock held by another process before failing.
+    pub busy_timeout: Duration,
 }
 
 impl Default for Config {
@@ -65,6 +75,11 @@ impl Default for Config {
             page_size: 1000,
             store_retry_limit: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            retention_ttl: Duration::from_secs(7 * 24 * 3600),
+            max_events_per_stream: None,
+            idempotency_ttl: Duration::from_secs(24 * 3600),
+            retention_interval: Duration::from_secs(60),
+            busy_timeout: Duration::from_secs(5),
         }
     }
 }

@@ -53,6 +53,21 @@ impl Jobcast {
         })
     }
 
+    /// Like [`Jobcast::open`], with a store that fails on command: for
+    /// tests of store outages.
+    pub async fn open_with_faults(
+        config: Config,
+    ) -> Result<(Jobcast, store::FaultSwitch), StoreError> {
+        let mut server = Self::open(config).await?;
+        let (store, switch) = server
+            .state
+            .store
+            .clone()
+            .with_faults(server.state.metrics.clone());
+        server.state.store = store;
+        Ok((server, switch))
+    }
+
     /// The shared state (store, hub, configuration).
     pub fn state(&self) -> &http::AppState {
         &self.state

@@ -63,6 +63,18 @@ struct ServeArgs {
     /// Largest event data, in bytes.
     #[arg(long, env = "JOBCAST_MAX_EVENT_BYTES", default_value_t = 1 << 20)]
     max_event_bytes: usize,
+    /// Ended streams are deleted this long after they ended.
+    #[arg(long, env = "JOBCAST_RETENTION", default_value = "7d", value_parser = duration)]
+    retention: Duration,
+    /// Keep at most this many events per stream (the oldest are trimmed; default: all).
+    #[arg(long, env = "JOBCAST_MAX_EVENTS_PER_STREAM", value_parser = clap::value_parser!(u64).range(1..))]
+    max_events_per_stream: Option<u64>,
+    /// Watchers give up with a retryable `store_unavailable` after the store failed this long.
+    #[arg(long, env = "JOBCAST_STORE_RETRY_LIMIT", default_value = "30s", value_parser = duration)]
+    store_retry_limit: Duration,
+    /// At shutdown, requests in flight get this long to finish.
+    #[arg(long, env = "JOBCAST_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
+    shutdown_grace: Duration,
 }
 
 #[tokio::main]
@@ -104,6 +116,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_duration: args.max_duration,
         write_timeout: args.write_timeout,
         max_event_bytes: args.max_event_bytes,
+        retention_ttl: args.retention,
+        max_events_per_stream: args.max_events_per_stream,
+        store_retry_limit: args.store_retry_limit,
+        shutdown_grace: args.shutdown_grace,
         ..Config::default()
     };
     let server = Jobcast::open(config)

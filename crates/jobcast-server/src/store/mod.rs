@@ -11,6 +11,9 @@ mod sqlite;
 
 pub use sqlite::SqliteStore;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use jobcast_protocol::{EventId, StreamState};
 use serde::Serialize;
 
@@ -238,11 +241,35 @@ pub struct ListQuery {
     pub before_key: Option<i64>,
 }
 
+/// Makes a [`Store::Faulty`] fail every call while set: for outage tests
+/// (a real outage is provoked too; see the robustness tests).
+#[derive(Debug, Clone, Default)]
+pub struct FaultSwitch(Arc<AtomicBool>);
+
+impl FaultSwitch {
+    /// Starts (true) or ends (false) the outage.
+    pub fn set_failing(&self, failing: bool) {
+        self.0.store(failing, Ordering::SeqCst);
+    }
+
+    fn check(&self, metrics: &Metrics) -> Result<(), StoreError> {
+        if self.0.load(Ordering::SeqCst) {
+            metrics.store_error();
+            return Err(StoreError::Unavailable(sqlx::Error::Io(
+                std::io::Error::other("injected store fault"),
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The durable log, dispatched over its backends.
 #[derive(Debug, Clone)]
 pub enum Store {
     /// The embedded default.
     Sqlite(SqliteStore),
+    /// Another store whose calls fail while its switch is on.
+    Faulty(Box<Store>, FaultSwitch, Metrics),
 }
 
 impl Store {
@@ -258,10 +285,23 @@ impl Store {
         }
     }
 
+    /// Wraps this store so that it fails on command.
+    pub fn with_faults(self, metrics: Metrics) -> (Store, FaultSwitch) {
+        let switch = FaultSwitch::default();
+        (
+            Store::Faulty(Box::new(self), switch.clone(), metrics),
+            switch,
+        )
+    }
+
     /// Hands a write to the writer task and waits until it is committed.
     pub async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
         match self {
             Store::Sqlite(s) => s.metrics().counted(s.write(req).await),
+            Store::Faulty(inner, switch, m) => {
+                switch.check(m)?;
+                Box::pin(inner.write(req)).await
+            }
         }
     }
 
@@ -269,6 +309,10 @@ impl Store {
     pub async fn meta(&self, stream: &str) -> Result<Option<StreamMeta>, StoreError> {
         match self {
             Store::Sqlite(s) => s.metrics().counted(s.meta(stream).await),
+            Store::Faulty(inner, switch, m) => {
+                switch.check(m)?;
+                Box::pin(inner.meta(stream)).await
+            }
         }
     }
 
@@ -281,6 +325,10 @@ impl Store {
     ) -> Result<Option<Page>, StoreError> {
         match self {
             Store::Sqlite(s) => s.metrics().counted(s.read(stream, after, limit).await),
+            Store::Faulty(inner, switch, m) => {
+                switch.check(m)?;
+                Box::pin(inner.read(stream, after, limit)).await
+            }
         }
     }
 
@@ -288,6 +336,10 @@ impl Store {
     pub async fn list(&self, q: &ListQuery) -> Result<Vec<StreamMeta>, StoreError> {
         match self {
             Store::Sqlite(s) => s.metrics().counted(s.list(q).await),
+            Store::Faulty(inner, switch, m) => {
+                switch.check(m)?;
+                Box::pin(inner.list(q)).await
+            }
         }
     }
 
@@ -295,6 +347,10 @@ impl Store {
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
             Store::Sqlite(s) => s.metrics().counted(s.ping().await),
+            Store::Faulty(inner, switch, m) => {
+                switch.check(m)?;
+                Box::pin(inner.ping()).await
+            }
         }
     }
 
@@ -302,6 +358,7 @@ impl Store {
     pub async fn close(&self) {
         match self {
             Store::Sqlite(s) => s.close().await,
+            Store::Faulty(inner, _, _) => Box::pin(inner.close()).await,
         }
     }
 }

@@ -29,6 +29,8 @@ const GROUP_MAX_EVENTS: usize = 1000;
 const GROUP_MAX_BYTES: usize = 4 << 20;
 /// Events of deleted streams removed per purge step.
 const PURGE_CHUNK: i64 = 5000;
+/// Pause between purge steps, so purging never hogs the writer.
+const PURGE_EVERY: Duration = Duration::from_millis(50);
 
 type Reply = oneshot::Sender<Result<WriteOutcome, StoreError>>;
 
@@ -82,7 +84,7 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(sync)
-            .busy_timeout(Duration::from_secs(5))
+            .busy_timeout(config.busy_timeout)
             .pragma("journal_size_limit", (64 * 1024 * 1024).to_string())
             .foreign_keys(false);
         let mut conn = SqliteConnection::connect_with(&opts).await?;
@@ -107,6 +109,12 @@ impl SqliteStore {
             conn,
             hub,
             purge_pending,
+            retention: Retention {
+                ttl_ms: config.retention_ttl.as_millis().min(i64::MAX as u128) as i64,
+                max_events: config.max_events_per_stream,
+                idempotency_ttl_ms: config.idempotency_ttl.as_millis().min(i64::MAX as u128) as i64,
+                interval: config.retention_interval,
+            },
         };
         // The one writer task: every write goes through it, in order.
         tasks.spawn(writer.run(rx, stop.clone()));
@@ -216,6 +224,16 @@ struct Writer {
     conn: SqliteConnection,
     hub: Hub,
     purge_pending: bool,
+    retention: Retention,
+}
+
+/// What retention keeps.
+#[derive(Debug, Clone, Copy)]
+struct Retention {
+    ttl_ms: i64,
+    max_events: Option<u64>,
+    idempotency_ttl_ms: i64,
+    interval: Duration,
 }
 
 /// What to tell the hub once the transaction committed.
@@ -264,7 +282,24 @@ fn size_of(req: &WriteRequest) -> (usize, usize) {
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<(WriteRequest, Reply)>, stop: CancellationToken) {
         let mut group: Vec<(WriteRequest, Reply)> = Vec::new();
+        let mut next_sweep = tokio::time::Instant::now();
+        let mut next_purge = tokio::time::Instant::now();
         loop {
+            // Housekeeping also runs between groups, so steady writes cannot starve it.
+            let now = tokio::time::Instant::now();
+            if now >= next_sweep {
+                self.expire().await;
+                next_sweep = now + self.retention.interval;
+            }
+            if self.purge_pending && now >= next_purge {
+                self.purge_step().await;
+                next_purge = now + PURGE_EVERY;
+            }
+            let wake = if self.purge_pending {
+                next_sweep.min(next_purge)
+            } else {
+                next_sweep
+            };
             let first = tokio::select! {
                 // Queued writes first: at shutdown, what was accepted is committed.
                 biased;
@@ -276,10 +311,7 @@ impl Writer {
                     rx.close();
                     continue;
                 }
-                _ = tokio::time::sleep(Duration::from_millis(100)), if self.purge_pending => {
-                    self.purge_step().await;
-                    continue;
-                }
+                _ = tokio::time::sleep_until(wake) => continue,
             };
             let (mut events, mut bytes) = size_of(&first.0);
             group.push(first);
@@ -306,9 +338,19 @@ impl Writer {
         let mut outcomes = Vec::with_capacity(group.len());
         let mut publish = Vec::new();
         let result: Result<(), sqlx::Error> = async {
-            let mut tx = self.conn.begin().await?;
+            let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
             for (index, (req, _)) in group.iter().enumerate() {
-                outcomes.push(apply(&mut tx, &self.hub, index, req, &mut publish).await?);
+                outcomes.push(
+                    apply(
+                        &mut tx,
+                        &self.hub,
+                        self.retention.max_events,
+                        index,
+                        req,
+                        &mut publish,
+                    )
+                    .await?,
+                );
             }
             tx.commit().await
         }
@@ -350,6 +392,46 @@ impl Writer {
         }
     }
 
+    /// Deletes ended streams past their TTL (watchers are told, as for a
+    /// delete) and idempotency keys past theirs.
+    async fn expire(&mut self) {
+        let now = now_ms();
+        let result: Result<Vec<String>, sqlx::Error> = async {
+            let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
+            let expired: Vec<(i64, String)> = sqlx::query_as(
+                "SELECT key, id FROM streams WHERE state != 'open' AND updated_at < ? LIMIT 1000",
+            )
+            .bind(now.saturating_sub(self.retention.ttl_ms))
+            .fetch_all(&mut *tx)
+            .await?;
+            for (key, _) in &expired {
+                delete_stream(&mut tx, *key).await?;
+            }
+            sqlx::query("DELETE FROM idempotency WHERE created_at < ?")
+                .bind(now.saturating_sub(self.retention.idempotency_ttl_ms))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(expired.into_iter().map(|(_, id)| id).collect())
+        }
+        .await;
+        match result {
+            Ok(ids) => {
+                if !ids.is_empty() {
+                    tracing::info!(
+                        streams = ids.len(),
+                        "deleted ended streams past their retention"
+                    );
+                    self.purge_pending = true;
+                }
+                for id in ids {
+                    self.hub.changed(&id);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "retention sweep failed; will retry"),
+        }
+    }
+
     async fn purge_step(&mut self) {
         let result: Result<bool, sqlx::Error> = async {
             let Some(key) = sqlx::query_scalar::<_, i64>("SELECT stream_key FROM purge LIMIT 1")
@@ -369,7 +451,7 @@ impl Writer {
             .rows_affected()
                 == 0;
             if done {
-                let mut tx = self.conn.begin().await?;
+                let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await?;
                 sqlx::query("DELETE FROM idempotency WHERE stream_key = ?")
                     .bind(key)
                     .execute(&mut *tx)
@@ -408,6 +490,44 @@ async fn lookup(
         .fetch_optional(&mut *conn)
         .await?;
     row.as_ref().map(meta_from_row).transpose()
+}
+
+/// Removes a stream's row (freeing its id) and queues its events for purging.
+async fn delete_stream(conn: &mut SqliteConnection, key: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM streams WHERE key = ?")
+        .bind(key)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("INSERT INTO purge (stream_key) VALUES (?)")
+        .bind(key)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Trims the oldest events so that at most `max` are kept.
+async fn trim(
+    conn: &mut SqliteConnection,
+    meta: &mut StreamMeta,
+    max: u64,
+) -> Result<(), sqlx::Error> {
+    let kept = meta.head + 1 - meta.first_seq;
+    if kept <= max {
+        return Ok(());
+    }
+    let first = meta.head + 1 - max;
+    sqlx::query("DELETE FROM events WHERE stream_key = ? AND seq < ?")
+        .bind(meta.key)
+        .bind(first as i64)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("UPDATE streams SET first_seq = ? WHERE key = ?")
+        .bind(first as i64)
+        .bind(meta.key)
+        .execute(&mut *conn)
+        .await?;
+    meta.first_seq = first;
+    Ok(())
 }
 
 async fn create(conn: &mut SqliteConnection, stream: &str) -> Result<StreamMeta, sqlx::Error> {
@@ -514,6 +634,7 @@ async fn insert_events<'a>(
 async fn apply(
     conn: &mut SqliteConnection,
     hub: &Hub,
+    max_events: Option<u64>,
     index: usize,
     req: &WriteRequest,
     publish: &mut Vec<Publish>,
@@ -538,14 +659,7 @@ async fn apply(
             let Some(meta) = existing else {
                 return Ok(WriteOutcome::Refused(Refusal::NotFound));
             };
-            sqlx::query("DELETE FROM streams WHERE key = ?")
-                .bind(meta.key)
-                .execute(&mut *conn)
-                .await?;
-            sqlx::query("INSERT INTO purge (stream_key) VALUES (?)")
-                .bind(meta.key)
-                .execute(&mut *conn)
-                .await?;
+            delete_stream(conn, meta.key).await?;
             publish.push(Publish::Changed(req.stream.clone()));
             Ok(WriteOutcome::Deleted)
         }
@@ -582,6 +696,9 @@ async fn apply(
                 .execute(&mut *conn)
                 .await?;
             meta.head = last_seq;
+            if let Some(max) = max_events {
+                trim(conn, &mut meta, max).await?;
+            }
             let body = append_response_body(&meta.epoch, first_seq, last_seq);
             remember(conn, &meta, req, 201, &body).await?;
             publish.push(Publish::Events {

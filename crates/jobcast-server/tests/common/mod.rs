@@ -36,6 +36,11 @@ impl TestServer {
 
     pub async fn start_in(dir: tempfile::TempDir, config: Config) -> TestServer {
         let server = Jobcast::open(config).await.expect("open store");
+        Self::serve(dir, server).await
+    }
+
+    /// Serves an already opened server whose store lives in `dir`.
+    pub async fn serve(dir: tempfile::TempDir, server: Jobcast) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
