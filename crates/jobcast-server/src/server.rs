@@ -194,3 +194,52 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
         self.progressed(r, cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A peer that never reads: the write fails after exactly the timeout,
+    /// measured on the paused clock.
+    #[tokio::test(start_paused = true)]
+    async fn write_times_out_when_the_peer_accepts_nothing() {
+        let (a, _peer) = tokio::io::duplex(64);
+        let metrics = crate::metrics::Metrics::new();
+        let mut w = WriteTimeout::new(a, Duration::from_secs(30), metrics.clone());
+        let started = Instant::now();
+        let chunk = [b'x'; 1024];
+        let err = loop {
+            match w.write(&chunk).await {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        assert!(metrics.encode().contains("jobcast_write_timeouts_total 1"));
+    }
+
+    /// A slow peer that keeps accepting bytes is never timed out, however
+    /// long the whole transfer takes.
+    #[tokio::test(start_paused = true)]
+    async fn progress_resets_the_timeout() {
+        let (a, mut peer) = tokio::io::duplex(64);
+        let mut w = WriteTimeout::new(a, Duration::from_secs(30), crate::metrics::Metrics::new());
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            let mut total = 0;
+            while total < 64 * 100 {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                total += peer.read(&mut buf).await.unwrap();
+            }
+            total
+        });
+        let started = Instant::now();
+        w.write_all(&[b'y'; 64 * 100])
+            .await
+            .expect("a slow reader is not a dead one");
+        assert!(started.elapsed() > Duration::from_secs(30 * 10));
+        assert_eq!(reader.await.unwrap(), 6400);
+    }
+}
