@@ -5,6 +5,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::TryStreamExt;
 use jobcast_protocol::{StreamState, END_EVENT};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
@@ -27,6 +28,8 @@ use crate::metrics::Metrics;
 const GROUP_MAX_EVENTS: usize = 1000;
 /// Most data bytes committed in one transaction.
 const GROUP_MAX_BYTES: usize = 4 << 20;
+/// A store page stops after this many bytes of data (and at least one event).
+const PAGE_BYTES: usize = 1 << 20;
 /// Events of deleted streams removed per purge step.
 const PURGE_CHUNK: i64 = 5000;
 /// Pause between purge steps, so purging never hogs the writer.
@@ -168,27 +171,34 @@ impl SqliteStore {
             tx.commit().await?;
             return Ok(None);
         };
-        let rows = sqlx::query(
-            "SELECT seq, type, data, time FROM events \
-             WHERE stream_key = ? AND seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(meta.key)
-        .bind(after.min(i64::MAX as u64) as i64)
-        .bind(limit as i64)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        let events = rows
-            .iter()
-            .map(|r| {
-                Ok(StoredEvent {
+        // Streamed row by row so that a page stops at PAGE_BYTES of data
+        // (at least one event) instead of loading `limit` huge events at once.
+        let mut events = Vec::new();
+        let mut bytes = 0usize;
+        {
+            let mut rows = sqlx::query(
+                "SELECT seq, type, data, time FROM events \
+                 WHERE stream_key = ? AND seq > ? ORDER BY seq LIMIT ?",
+            )
+            .bind(meta.key)
+            .bind(after.min(i64::MAX as u64) as i64)
+            .bind(limit as i64)
+            .fetch(&mut *tx);
+            while let Some(r) = rows.try_next().await? {
+                let data: String = r.try_get("data")?;
+                bytes += data.len();
+                events.push(StoredEvent {
                     seq: r.try_get::<i64, _>("seq")? as u64,
                     event_type: r.try_get("type")?,
-                    data: r.try_get("data")?,
+                    data,
                     time: r.try_get("time")?,
-                })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+                });
+                if bytes >= PAGE_BYTES {
+                    break;
+                }
+            }
+        }
+        tx.commit().await?;
         Ok(Some(Page { meta, events }))
     }
 
