@@ -1,5 +1,8 @@
 //! The `jobcast` command: the server and its tools.
 
+mod bench;
+mod cli;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -19,6 +22,11 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
+    /// Client commands: tail, publish, complete, fail, delete, streams.
+    #[command(flatten)]
+    Client(cli::ClientCommand),
+    /// Measure a running jobcast: fanout, ingest, replay, hold.
+    Bench(bench::BenchArgs),
 }
 
 /// How hard SQLite syncs.
@@ -81,10 +89,14 @@ struct ServeArgs {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(args).await.map(|()| std::process::ExitCode::SUCCESS),
+        Command::Client(cmd) => cli::run(cmd).await,
+        Command::Bench(args) => bench::run(args)
+            .await
+            .map(|()| std::process::ExitCode::SUCCESS),
     };
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("jobcast: {e:#}");
             std::process::ExitCode::from(2)
