@@ -97,3 +97,46 @@ async fn ended_streams_expire_after_their_ttl_and_their_events_are_purged() {
     let rest = w.collect(T).await;
     assert_eq!(rest.last().unwrap().event, "jobcast.end");
 }
+
+/// A connected watcher that falls behind the retention horizon is told with
+/// a retryable `lagged_beyond_retention`; reconnecting with its last id gets
+/// `jobcast.reset` `history_trimmed` first. Nothing is skipped silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watcher_overtaken_by_trimming_is_told_and_reset() {
+    let s = TestServer::start_with(|c| {
+        c.max_events_per_stream = Some(20);
+        c.ring_bytes = 64 * 1024;
+    })
+    .await;
+    s.append("lag", "first").await;
+    // Subscribed, then not read: TCP backpressure stalls the server's writes.
+    let mut w = s.watch("lag", "", None).await;
+    assert_eq!(w.next_event(T).await.unwrap().data, "first");
+    let big = "x".repeat(64 * 1024);
+    for _ in 0..16 {
+        s.append_batch("lag", &vec![big.clone(); 16]).await;
+    }
+    // Now read: a contiguous run, then the error (the cap overtook the watcher).
+    let mut last = 1;
+    let error = loop {
+        let e = w.next_event(T).await.expect("closed without an error");
+        if e.event == "jobcast.error" {
+            break e;
+        }
+        let seq = seq_of(&e);
+        assert_eq!(seq, last + 1, "no gap before the error");
+        last = seq;
+    };
+    let v: serde_json::Value = serde_json::from_str(&error.data).unwrap();
+    assert_eq!(v["code"], "lagged_beyond_retention");
+    assert_eq!(v["retryable"], true);
+    assert!(w.next_event(T).await.is_none(), "closed after the error");
+    let epoch = s.meta("lag").await["epoch"].as_str().unwrap().to_owned();
+    let mut again = s.watch("lag", "", Some(&format!("{epoch}-{last}"))).await;
+    let reset = again.next_event(T).await.unwrap();
+    assert_eq!(reset.event, "jobcast.reset");
+    let r: serde_json::Value = serde_json::from_str(&reset.data).unwrap();
+    assert_eq!(r["reason"], "history_trimmed");
+    assert_eq!(r["resumed_from"], format!("{epoch}-{}", 257 - 20));
+    assert_eq!(seq_of(&again.next_event(T).await.unwrap()), 257 - 19);
+}
