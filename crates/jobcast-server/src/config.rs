@@ -55,6 +55,9 @@ pub struct Config {
     pub retention_interval: Duration,
     /// How long a store call waits for a lock held by another process before failing.
     pub busy_timeout: Duration,
+    /// Serve SSE watch requests that open a connection with the lean writer
+    /// (less memory per watcher) instead of hyper.
+    pub lean_sse: bool,
 }
 
 impl Default for Config {
@@ -80,6 +83,7 @@ impl Default for Config {
             idempotency_ttl: Duration::from_secs(24 * 3600),
             retention_interval: Duration::from_secs(60),
             busy_timeout: Duration::from_secs(5),
+            lean_sse: true,
         }
     }
 }

@@ -17,6 +17,7 @@
 pub mod config;
 pub mod http;
 pub mod hub;
+mod lean;
 pub mod metrics;
 pub mod server;
 pub mod store;

@@ -19,6 +19,10 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::task::TaskTracker;
 
 use crate::http::AppState;
+use crate::lean::{self, Head, Rewind};
+
+/// A client must send its request head within this time.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves the API on `listener` until `shutdown` completes, then: stops
 /// accepting, tells every watcher `shutting_down`, lets requests in flight
@@ -54,12 +58,34 @@ pub async fn serve(
         let svc = TowerToHyperService::new(router.clone());
         let token = token.clone();
         let metrics = state.metrics.clone();
+        let lean_sse = state.config.lean_sse;
+        let router = router.clone();
         // One task per connection; it ends with the connection or at shutdown.
         conns.spawn(async move {
-            let io = TokioIo::new(WriteTimeout::new(sock, write_timeout, metrics));
+            let mut sock = WriteTimeout::new(sock, write_timeout, metrics);
+            let prefix = if lean_sse {
+                let head = tokio::select! {
+                    h = lean::read_head(&mut sock, HEAD_TIMEOUT) => h,
+                    _ = token.cancelled() => return,
+                };
+                match head {
+                    Head::Gone => return,
+                    Head::Watch(req) => {
+                        // The body ends itself at shutdown; writes are bounded by the write timeout.
+                        if let Err(e) = lean::serve(sock, req, router).await {
+                            tracing::debug!(error = %e, %peer, "watch connection ended with an error");
+                        }
+                        return;
+                    }
+                    Head::Other(prefix) => prefix,
+                }
+            } else {
+                bytes::Bytes::new()
+            };
+            let io = TokioIo::new(Rewind::new(prefix, sock));
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
+                .header_read_timeout(HEAD_TIMEOUT)
                 .serve_connection(io, svc);
             let mut conn = std::pin::pin!(conn);
             let result = tokio::select! {
@@ -117,6 +143,11 @@ impl<T> WriteTimeout<T> {
             armed: false,
             metrics,
         }
+    }
+
+    /// The wrapped socket.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
     }
 
     fn stalled<R>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<R>> {

@@ -268,10 +268,12 @@ impl Watcher {
             // Maximum duration: end cleanly; the client resumes with Last-Event-ID.
             return Step::Close(None, CloseReason::MaxDuration);
         }
-        match self.look().await {
+        // Boxed: the store calls' futures are large and needed only briefly;
+        // inlined, every idle watcher would carry their size.
+        match Box::pin(self.look()).await {
             Ok(Some(step)) => return step,
             Ok(None) => {}
-            Err(e) => return self.store_failed(e).await,
+            Err(e) => return Box::pin(self.store_failed(e)).await,
         }
         // Nothing to write: wait for a publish, a heartbeat, the end of the
         // wait for creation, the maximum duration, or shutdown.
@@ -393,5 +395,48 @@ impl Watcher {
                 CloseReason::Lagged,
             )),
         })
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn idle_watcher_future_is_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::Config {
+            db: format!("sqlite://{}", dir.path().join("j.db").display()),
+            ..crate::Config::default()
+        };
+        let server = crate::Jobcast::open(config).await.unwrap();
+        let state = server.state().clone();
+        let now = Instant::now();
+        let mut w = Watcher {
+            heartbeat_at: now,
+            close_at: now,
+            wait_until: now,
+            stream: "s".into(),
+            resume: Resume::Start,
+            sub: state.hub.subscribe("s"),
+            cursor: None,
+            failing_since: None,
+            attempt: 0,
+            done: false,
+            close_reason: CloseReason::ClientGone,
+            state,
+        };
+        // What every idle watcher carries: keep it small (store calls are boxed).
+        assert!(
+            std::mem::size_of_val(&w) <= 512,
+            "{}",
+            std::mem::size_of_val(&w)
+        );
+        let fut = w.next();
+        assert!(
+            std::mem::size_of_val(&fut) <= 1024,
+            "{}",
+            std::mem::size_of_val(&fut)
+        );
     }
 }
