@@ -1,38 +1,12 @@
 //! Guarantee 1: an append is acknowledged only once committed, so a
 //! `kill -9` of the server loses no acknowledged event.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod cli_support;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Starts the real binary on 127.0.0.1:0 and returns it with its base URL
-/// (read from its "listening" log line).
-fn start(db: &str) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_jobcast"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--db", db])
-        .env("JOBCAST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn jobcast");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("addr=").nth(1) {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
-                }
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("server did not log its address");
-    (child, format!("http://{addr}"))
-}
+use cli_support::Server;
 
 /// (stream, first seq, last seq, data prefix) of an acknowledged append.
 type Ack = (String, u64, u64, String);
@@ -41,7 +15,9 @@ type Ack = (String, u64, u64, String);
 async fn kill_9_loses_no_acknowledged_event() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("d.db").display());
-    let (mut child, url) = start(&db);
+    // Killed on drop, so a failing assertion leaves no server behind.
+    let mut server = Server::start_on(&db, 0).expect("start jobcast");
+    let url = server.url.clone();
     let client = reqwest::Client::new();
     let acked: Arc<Mutex<Vec<Ack>>> = Arc::default();
     let mut producers = Vec::new();
@@ -85,8 +61,7 @@ async fn kill_9_loses_no_acknowledged_event() {
     }
     // Let appends flow, then kill -9 in the middle of them.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    child.kill().expect("kill -9");
-    child.wait().unwrap();
+    server.kill();
     for p in producers {
         p.await.unwrap();
     }
@@ -97,7 +72,8 @@ async fn kill_9_loses_no_acknowledged_event() {
         acked.len()
     );
 
-    let (mut child, url) = start(&db);
+    let server = Server::start_on(&db, 0).expect("restart jobcast");
+    let url = server.url.clone();
     let mut logs = std::collections::HashMap::new();
     for s in 0..4 {
         let stream = format!("job-{s}");
@@ -138,6 +114,5 @@ async fn kill_9_loses_no_acknowledged_event() {
             assert_eq!(e["data"], format!("{tag}-k{k}"), "{stream} seq {seq}");
         }
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(server);
 }
