@@ -76,12 +76,9 @@ impl Batch {
     }
 }
 
-/// What a watcher finds in the ring after its position.
-#[derive(Debug)]
+/// Why a ring read found nothing to hand over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RingRead {
-    /// Batches that continue exactly after the position (the first one may
-    /// start at or before it).
-    Batches(Vec<Arc<Batch>>),
     /// The ring holds events after the position but not the next one: read the store.
     Gap,
     /// Nothing after the position yet.
@@ -263,26 +260,33 @@ impl Subscription {
         changed
     }
 
-    /// The batches after seq `after` of epoch `epoch`.
-    pub fn read(&self, epoch: &str, after: u64) -> RingRead {
+    /// Hands `take` the batches after seq `after` of epoch `epoch` (the
+    /// first one containing `after + 1`), under the ring's lock: `take` only
+    /// slices shared bytes, and no list is allocated per read.
+    pub fn read<R>(
+        &self,
+        epoch: &str,
+        after: u64,
+        take: impl FnOnce(std::collections::vec_deque::Iter<'_, Arc<Batch>>) -> R,
+    ) -> Result<R, RingRead> {
         let ring = lock(&self.entry.ring);
         match ring.epoch.as_deref() {
-            None => return RingRead::Nothing,
-            Some(e) if e != epoch => return RingRead::OtherEpoch,
+            None => return Err(RingRead::Nothing),
+            Some(e) if e != epoch => return Err(RingRead::OtherEpoch),
             Some(_) => {}
         }
         let Some(last) = ring.batches.back() else {
-            return RingRead::Nothing;
+            return Err(RingRead::Nothing);
         };
         if last.last_seq <= after {
-            return RingRead::Nothing;
+            return Err(RingRead::Nothing);
         }
         // Batches are contiguous and ordered: find the first with last_seq > after.
         let start = ring.batches.partition_point(|b| b.last_seq <= after);
         if ring.batches[start].first_seq > after + 1 {
-            return RingRead::Gap;
+            return Err(RingRead::Gap);
         }
-        RingRead::Batches(ring.batches.range(start..).cloned().collect())
+        Ok(take(ring.batches.range(start..)))
     }
 }
 
@@ -332,7 +336,7 @@ mod tests {
         let hub = Hub::new(1 << 20);
         hub.publish("s", batch("e", 1, 3));
         let sub = hub.subscribe("s");
-        assert!(matches!(sub.read("e", 0), RingRead::Nothing));
+        assert_eq!(sub.read("e", 0, |b| b.count()), Err(RingRead::Nothing));
     }
 
     #[test]
@@ -341,16 +345,17 @@ mod tests {
         let sub = hub.subscribe("s");
         hub.publish("s", batch("e", 4, 3)); // 4..=6
         hub.publish("s", batch("e", 7, 2)); // 7..=8
-        assert!(matches!(sub.read("e", 2), RingRead::Gap));
-        match sub.read("e", 5) {
-            RingRead::Batches(b) => {
-                assert_eq!(b.len(), 2);
-                assert_eq!(&b[0].after(5)[..], b"id: e-6\ndata: e6\n\n");
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(matches!(sub.read("e", 8), RingRead::Nothing));
-        assert!(matches!(sub.read("x", 3), RingRead::OtherEpoch));
+        assert_eq!(sub.read("e", 2, |b| b.count()), Err(RingRead::Gap));
+        let got = sub.read("e", 5, |b| {
+            let b: Vec<_> = b.collect();
+            (b.len(), b[0].after(5))
+        });
+        assert_eq!(
+            got,
+            Ok((2, bytes::Bytes::from_static(b"id: e-6\ndata: e6\n\n")))
+        );
+        assert_eq!(sub.read("e", 8, |b| b.count()), Err(RingRead::Nothing));
+        assert_eq!(sub.read("x", 3, |b| b.count()), Err(RingRead::OtherEpoch));
     }
 
     #[test]
@@ -360,7 +365,7 @@ mod tests {
         for i in 0..100 {
             hub.publish("s", batch("e", 1 + i * 2, 2));
         }
-        assert!(matches!(sub.read("e", 1), RingRead::Gap));
-        assert!(matches!(sub.read("e", 198), RingRead::Batches(_)));
+        assert_eq!(sub.read("e", 1, |b| b.count()), Err(RingRead::Gap));
+        assert_eq!(sub.read("e", 197, |b| b.count()), Ok(2));
     }
 }

@@ -189,13 +189,14 @@ pub(crate) async fn serve(
                 },
             };
             if chunked {
-                let size = format!("{:x}\r\n", data.len());
+                let mut size = [0u8; 18];
                 let mut buf = pending
                     .take()
                     .unwrap_or_default()
-                    .chain(Bytes::from(size))
+                    .chain(chunk_size(data.len(), &mut size))
                     .chain(data)
-                    .chain(Bytes::from_static(b"\r\n"));
+                    .chain(&b"\r\n"[..]);
+                // One vectored write per frame: header, events, trailer.
                 sock.write_all_buf(&mut buf).await?;
             } else {
                 let mut buf = pending.take().unwrap_or_default().chain(data);
@@ -214,6 +215,24 @@ pub(crate) async fn serve(
     sock.write_all_buf(&mut tail).await?;
     sock.flush().await?;
     sock.shutdown().await
+}
+
+/// Writes `{len:x}\r\n` into `buf` without allocating.
+fn chunk_size(len: usize, buf: &mut [u8; 18]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut i = 16;
+    let mut n = len;
+    loop {
+        i -= 1;
+        buf[i] = HEX[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    buf[16] = b'\r';
+    buf[17] = b'\n';
+    &buf[i..]
 }
 
 /// A socket that first yields bytes already read from it, so that hyper can
@@ -283,6 +302,15 @@ mod tests {
 
     fn watch(head: &str) -> bool {
         matches!(parse(head.as_bytes()), Parsed::Watch(_))
+    }
+
+    #[test]
+    fn chunk_sizes_are_hex() {
+        let mut b = [0u8; 18];
+        assert_eq!(chunk_size(0, &mut b), b"0\r\n");
+        assert_eq!(chunk_size(255, &mut b), b"ff\r\n");
+        assert_eq!(chunk_size(0x1234abcd, &mut b), b"1234abcd\r\n");
+        assert_eq!(chunk_size(usize::MAX, &mut b), b"ffffffffffffffff\r\n");
     }
 
     #[test]

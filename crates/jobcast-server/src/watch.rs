@@ -102,6 +102,8 @@ pub struct Frame {
     pub last_seq: u64,
     /// Encoded SSE events.
     pub bytes: Bytes,
+    /// When the first batch in it was published (live frames only).
+    pub published: Option<std::time::Instant>,
 }
 
 /// The result of offering a store page to a cursor.
@@ -118,8 +120,8 @@ pub enum PageStep {
 /// One watcher's position in one epoch of a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
-    /// The epoch being followed.
-    pub epoch: String,
+    /// The epoch being followed (shared, so that reads need no copy).
+    pub epoch: Arc<str>,
     /// The last seq written.
     pub sent: u64,
     /// The highest seq known to exist (from the store or the ring).
@@ -132,7 +134,7 @@ impl Cursor {
     /// A cursor at `start` in the stream `meta` describes.
     pub fn new(meta: &StreamMeta, start: &Start) -> Cursor {
         Cursor {
-            epoch: meta.epoch.clone(),
+            epoch: Arc::from(meta.epoch.as_str()),
             sent: start.sent,
             known_head: meta.head,
             ended: false,
@@ -147,37 +149,49 @@ impl Cursor {
     /// Takes the part of `batches` after the cursor. The batches come from
     /// one ring read: contiguous, ordered, the first containing `sent + 1`
     /// or starting right after it.
-    pub fn take_batches(&mut self, batches: &[Arc<Batch>]) -> Option<Frame> {
-        let mut parts: Vec<Bytes> = Vec::new();
+    pub fn take_batches<'a>(
+        &mut self,
+        batches: impl IntoIterator<Item = &'a Arc<Batch>>,
+    ) -> Option<Frame> {
+        // One batch (the usual case) is handed over without copying.
+        let mut one: Option<Bytes> = None;
+        let mut more: Vec<u8> = Vec::new();
+        let mut published = None;
         let first = self.sent + 1;
         for b in batches {
-            if self.ended || b.last_seq <= self.sent || *b.epoch != *self.epoch {
+            // The hub hands over batches of the cursor's epoch only.
+            if self.ended || b.last_seq <= self.sent {
                 continue;
             }
             if b.first_seq > self.sent + 1 {
                 // Not contiguous: stop here; the caller reads the gap from the store.
                 break;
             }
-            parts.push(b.after(self.sent));
+            let part = b.after(self.sent);
+            published.get_or_insert(b.published_at);
+            match one.take() {
+                None if more.is_empty() => one = Some(part),
+                prev => {
+                    if let Some(p) = prev {
+                        more.extend_from_slice(&p);
+                    }
+                    more.extend_from_slice(&part);
+                }
+            }
             self.sent = b.last_seq;
             self.known_head = self.known_head.max(b.last_seq);
             self.ended = b.ends;
         }
-        let bytes = match parts.len() {
-            0 => return None,
-            1 => parts.pop().unwrap_or_default(),
-            _ => {
-                let mut buf = Vec::with_capacity(parts.iter().map(Bytes::len).sum());
-                for p in &parts {
-                    buf.extend_from_slice(p);
-                }
-                Bytes::from(buf)
-            }
+        let bytes = match one {
+            Some(b) => b,
+            None if more.is_empty() => return None,
+            None => Bytes::from(more),
         };
         Some(Frame {
             first_seq: first,
             last_seq: self.sent,
             bytes,
+            published,
         })
     }
 
@@ -219,6 +233,7 @@ impl Cursor {
             first_seq: first,
             last_seq: self.sent,
             bytes: Bytes::from(buf),
+            published: None,
         })
     }
 }
@@ -404,7 +419,7 @@ mod tests {
                     // ring read, as Subscription::read would answer
                     let start = ring.partition_point(|b| b.last_seq <= c.sent);
                     if start < ring.len() && ring[start].first_seq <= c.sent + 1 {
-                        if let Some(f) = c.take_batches(&ring[start..]) {
+                        if let Some(f) = c.take_batches(ring[start..].iter()) {
                             dec.feed(&f.bytes, &mut frames);
                         }
                     } else if start < ring.len() || c.behind() {

@@ -116,6 +116,27 @@ impl Drop for Watcher {
     }
 }
 
+/// What the ring offers.
+enum Look {
+    /// Take this step.
+    Step(Step),
+    /// Ask the store.
+    Store(Need),
+    /// Nothing now: wait.
+    Wait,
+}
+
+/// What to ask the store.
+#[derive(Debug, Clone, Copy)]
+enum Need {
+    /// Whether the stream exists yet (no cursor).
+    Meta,
+    /// Whether the stream is still the same creation.
+    Epoch,
+    /// The next page after the cursor.
+    Page,
+}
+
 /// What one step produced.
 enum Step {
     /// Write and go on.
@@ -255,28 +276,37 @@ impl Watcher {
     }
 
     async fn step(&mut self) -> Step {
-        let entry = self.sub.entry();
-        let notified = entry.notified();
-        let mut notified = std::pin::pin!(notified);
-        // Registered before looking, so a publish from now on wakes us.
-        notified.as_mut().enable();
         if self.state.shutdown.is_cancelled() {
             return self.shutting_down();
         }
-        let now = Instant::now();
-        if now >= self.close_at {
+        if Instant::now() >= self.close_at {
             // Maximum duration: end cleanly; the client resumes with Last-Event-ID.
             return Step::Close(None, CloseReason::MaxDuration);
         }
-        // Boxed: the store calls' futures are large and needed only briefly;
-        // inlined, every idle watcher would carry their size.
-        match Box::pin(self.look()).await {
-            Ok(Some(step)) => return step,
-            Ok(None) => {}
-            Err(e) => return Box::pin(self.store_failed(e)).await,
+        // The hot path: the ring has the next events. No registration with
+        // the Notify, no allocation.
+        if self.cursor.is_some() {
+            let look = self.look_ring();
+            if let Some(step) = self.act(look).await {
+                return step;
+            }
         }
-        // Nothing to write: wait for a publish, a heartbeat, the end of the
-        // wait for creation, the maximum duration, or shutdown.
+        // Nothing yet: register for wake-ups, then look again, so that a
+        // publish between the look and the registration is not lost.
+        let entry = self.sub.entry();
+        let notified = entry.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
+        let look = if self.cursor.is_some() {
+            self.look_ring()
+        } else {
+            Look::Store(Need::Meta)
+        };
+        if let Some(step) = self.act(look).await {
+            return step;
+        }
+        // Wait for a publish, a heartbeat, the end of the wait for creation,
+        // the maximum duration, or shutdown.
         let mut wake = self.heartbeat_at.min(self.close_at);
         if self.cursor.is_none() {
             wake = wake.min(self.wait_until);
@@ -294,10 +324,57 @@ impl Watcher {
         }
     }
 
-    /// Finds what to write next, if anything (None: wait).
-    async fn look(&mut self) -> Result<Option<Step>, StoreError> {
-        let Some(cursor) = &self.cursor else {
-            return match self.state.store.meta(&self.stream).await? {
+    /// Carries out a look: a step to take, or None to wait.
+    async fn act(&mut self, look: Look) -> Option<Step> {
+        match look {
+            Look::Step(step) => Some(step),
+            Look::Wait => None,
+            // Boxed: the store calls' futures are large and needed only
+            // briefly; inlined, every idle watcher would carry their size.
+            Look::Store(need) => match Box::pin(self.ask_store(need)).await {
+                Ok(step) => step,
+                Err(e) => Some(Box::pin(self.store_failed(e)).await),
+            },
+        }
+    }
+
+    /// What the hub's ring offers after the cursor, without the store.
+    fn look_ring(&mut self) -> Look {
+        let Some(cursor) = self.cursor.as_mut() else {
+            return Look::Store(Need::Meta);
+        };
+        if self.sub.take_change() {
+            return Look::Store(Need::Epoch);
+        }
+        let epoch = cursor.epoch.clone();
+        match self
+            .sub
+            .read(&epoch, cursor.sent, |batches| cursor.take_batches(batches))
+        {
+            Ok(Some(frame)) => {
+                let m = &self.state.metrics;
+                m.delivered(frame.last_seq + 1 - frame.first_seq, false);
+                if let Some(t) = frame.published {
+                    m.publish_to_write(t.elapsed());
+                }
+                Look::Step(Step::Write(frame.bytes))
+            }
+            // Not contiguous after all: the gap is read from the store.
+            Ok(None) => Look::Store(Need::Page),
+            Err(RingRead::OtherEpoch) => Look::Store(Need::Epoch),
+            Err(RingRead::Gap) => {
+                self.state.metrics.slow_fallback();
+                Look::Store(Need::Page)
+            }
+            Err(RingRead::Nothing) if cursor.behind() => Look::Store(Need::Page),
+            Err(RingRead::Nothing) => Look::Wait,
+        }
+    }
+
+    /// Asks the store what the ring could not answer (None: wait).
+    async fn ask_store(&mut self, need: Need) -> Result<Option<Step>, StoreError> {
+        match need {
+            Need::Meta => match self.state.store.meta(&self.stream).await? {
                 Some(meta) => {
                     self.store_ok();
                     Ok(Some(match self.begin(&meta) {
@@ -317,37 +394,16 @@ impl Watcher {
                     self.store_ok();
                     Ok(None)
                 }
-            };
-        };
-        let epoch = cursor.epoch.clone();
-        if self.sub.take_change() && !self.same_epoch(&epoch).await? {
-            return Ok(Some(Self::deleted()));
-        }
-        let Some(cursor) = self.cursor.as_mut() else {
-            return Ok(None);
-        };
-        match self.sub.read(&epoch, cursor.sent) {
-            RingRead::Batches(batches) => {
-                if let Some(frame) = cursor.take_batches(&batches) {
-                    let m = &self.state.metrics;
-                    m.delivered(frame.last_seq + 1 - frame.first_seq, false);
-                    if let Some(b) = batches.first() {
-                        m.publish_to_write(b.published_at.elapsed());
-                    }
-                    return Ok(Some(Step::Write(frame.bytes)));
-                }
-                // Not contiguous after all: the gap is read from the store.
-            }
-            RingRead::OtherEpoch => {
-                if !self.same_epoch(&epoch).await? {
-                    return Ok(Some(Self::deleted()));
+            },
+            Need::Epoch => {
+                let epoch = self.cursor.as_ref().map(|c| c.epoch.clone());
+                match epoch {
+                    Some(e) if self.same_epoch(&e).await? => Ok(Some(Step::Again)),
+                    _ => Ok(Some(Self::deleted())),
                 }
             }
-            RingRead::Gap => self.state.metrics.slow_fallback(),
-            RingRead::Nothing if !cursor.behind() => return Ok(None),
-            RingRead::Nothing => {}
+            Need::Page => self.read_store().await,
         }
-        self.read_store().await
     }
 
     async fn same_epoch(&mut self, epoch: &str) -> Result<bool, StoreError> {
@@ -371,7 +427,7 @@ impl Watcher {
         let Some(page) = page else {
             return Ok(Some(Self::deleted()));
         };
-        if page.meta.epoch != cursor.epoch {
+        if *page.meta.epoch != *cursor.epoch {
             return Ok(Some(Self::deleted()));
         }
         Ok(match cursor.take_page(&page.meta, &page.events) {
