@@ -111,6 +111,8 @@ struct Inner {
     streams: Mutex<HashMap<String, Arc<Entry>>>,
     ring_bytes: usize,
     watchers: AtomicUsize,
+    /// Set at shutdown; watchers are woken through their entries to see it.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// The hub; a cheap handle.
@@ -133,6 +135,7 @@ impl Hub {
                 streams: Mutex::new(HashMap::new()),
                 ring_bytes,
                 watchers: AtomicUsize::new(0),
+                closed: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -179,6 +182,22 @@ impl Hub {
     /// Streams with an entry (for tests and metrics).
     pub fn entries(&self) -> usize {
         lock(&self.inner.streams).len()
+    }
+
+    /// Marks the hub closed (shutdown) and wakes every watcher, which then
+    /// sees [`Hub::is_closed`]. Watchers wait on their stream's entry only,
+    /// not on a shared shutdown signal, so waiting costs no shared lock.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        let entries: Vec<Arc<Entry>> = lock(&self.inner.streams).values().cloned().collect();
+        for e in entries {
+            e.notify.notify_waiters();
+        }
+    }
+
+    /// Whether [`Hub::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Relaxed)
     }
 
     /// Publishes a committed batch. Called by the writer right after COMMIT,

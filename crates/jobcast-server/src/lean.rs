@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use bytes::{Buf, Bytes, BytesMut};
-use http_body_util::BodyExt;
+use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tower::ServiceExt;
@@ -166,14 +166,27 @@ pub(crate) async fn serve(
         let mut probe = [0u8; 64];
         loop {
             // Waiting for the next frame, also watch the socket: a peer that
-            // closes is noticed at once, not at the next heartbeat.
-            let frame = tokio::select! {
-                f = body.frame() => f,
-                r = sock.get_ref().readable() => {
-                    r?;
+            // closes is noticed at once, not at the next heartbeat. poll_fn
+            // with poll_read_ready keeps one waker slot on the socket instead
+            // of registering and removing a waiter for every frame.
+            let frame = match std::future::poll_fn(|cx| {
+                if let Poll::Ready(f) = Pin::new(&mut body).poll_frame(cx) {
+                    return Poll::Ready(Ok(f));
+                }
+                match sock.get_ref().poll_read_ready(cx) {
+                    Poll::Ready(r) => Poll::Ready(Err(r)),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await
+            {
+                Ok(frame) => frame,
+                Err(ready) => {
+                    ready?;
                     match sock.get_ref().try_read(&mut probe) {
                         Ok(0) => return Ok(()),
-                        Ok(_) => continue, // bytes after the request: ignored, the connection closes after this response
+                        // Bytes after the request: ignored; the connection closes after this response.
+                        Ok(_) => continue,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                         Err(e) => return Err(e),
                     }

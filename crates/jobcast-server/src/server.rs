@@ -107,6 +107,7 @@ pub async fn serve(
     drop(listener);
     tracing::info!(connections = conns.len(), "shutting down");
     token.cancel();
+    state.hub.close();
     conns.close();
     if tokio::time::timeout(grace + Duration::from_secs(1), conns.wait())
         .await

@@ -48,6 +48,7 @@ pub(super) async fn watch(
         heartbeat_at: now + state.config.heartbeat,
         close_at: now + (max - jitter),
         wait_until: now + wait,
+        timer: Box::pin(tokio::time::sleep_until(now + state.config.heartbeat)),
         stream,
         resume,
         sub,
@@ -103,6 +104,9 @@ struct Watcher {
     heartbeat_at: Instant,
     close_at: Instant,
     wait_until: Instant,
+    /// One timer per watcher, armed at the earliest deadline and re-armed
+    /// only when it fires early: never reset per event.
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     failing_since: Option<Instant>,
     attempt: u32,
     done: bool,
@@ -276,7 +280,7 @@ impl Watcher {
     }
 
     async fn step(&mut self) -> Step {
-        if self.state.shutdown.is_cancelled() {
+        if self.state.hub.is_closed() {
             return self.shutting_down();
         }
         if Instant::now() >= self.close_at {
@@ -305,22 +309,25 @@ impl Watcher {
         if let Some(step) = self.act(look).await {
             return step;
         }
-        // Wait for a publish, a heartbeat, the end of the wait for creation,
-        // the maximum duration, or shutdown.
+        // Wait for a publish (or the hub closing at shutdown), a heartbeat,
+        // the end of the wait for creation, or the maximum duration.
         let mut wake = self.heartbeat_at.min(self.close_at);
         if self.cursor.is_none() {
             wake = wake.min(self.wait_until);
         }
+        // The timer only moves when it fired early or a deadline came closer.
+        if self.timer.deadline() > wake || self.timer.is_elapsed() {
+            self.timer.as_mut().reset(wake);
+        }
         tokio::select! {
             _ = &mut notified => Step::Again,
-            _ = tokio::time::sleep_until(wake) => {
+            _ = &mut self.timer => {
                 if Instant::now() >= self.heartbeat_at {
                     Step::Write(Bytes::from_static(b":\n"))
                 } else {
                     Step::Again
                 }
             }
-            _ = self.state.shutdown.cancelled() => self.shutting_down(),
         }
     }
 
@@ -472,6 +479,7 @@ mod size_tests {
             heartbeat_at: now,
             close_at: now,
             wait_until: now,
+            timer: Box::pin(tokio::time::sleep_until(now)),
             stream: "s".into(),
             resume: Resume::Start,
             sub: state.hub.subscribe("s"),
