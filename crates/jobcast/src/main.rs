@@ -137,14 +137,25 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let server = Jobcast::open(config)
         .await
         .with_context(|| format!("opening the store {}", args.db))?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
+    let listener = listen(args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, db = %args.db, "jobcast listening");
     server.serve(listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Binds with a listen backlog large enough for a reconnect storm of
+/// watchers (the default of 128 overflows and costs clients a 1 s SYN retry).
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// Completes at Ctrl-C or SIGTERM.
