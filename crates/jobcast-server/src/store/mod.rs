@@ -8,6 +8,7 @@
 //! types, so PostgreSQL fits behind the same surface.
 
 mod sqlite;
+mod writer;
 
 pub use sqlite::SqliteStore;
 
@@ -25,7 +26,7 @@ use crate::{config::Config, hub::Hub, metrics::Metrics};
 pub enum StoreError {
     /// The database could not be reached or answered with an error.
     #[error("the store is unavailable")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Migrations could not be applied.
     #[error("the store's schema could not be migrated")]
     Migrate(#[source] sqlx::migrate::MigrateError),
@@ -39,7 +40,7 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        StoreError::Unavailable(e)
+        StoreError::Unavailable(Box::new(e))
     }
 }
 
@@ -255,9 +256,7 @@ impl FaultSwitch {
     fn check(&self, metrics: &Metrics) -> Result<(), StoreError> {
         if self.0.load(Ordering::SeqCst) {
             metrics.store_error();
-            return Err(StoreError::Unavailable(sqlx::Error::Io(
-                std::io::Error::other("injected store fault"),
-            )));
+            return Err(StoreError::Unavailable("injected store fault".into()));
         }
         Ok(())
     }

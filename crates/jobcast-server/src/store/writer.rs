@@ -1,0 +1,599 @@
+//! The one writer of the SQLite store: an OS thread that owns the write
+//! connection (rusqlite) and commits whatever is queued as one transaction.
+//!
+//! Why a thread and not async statements: every statement through an async
+//! driver is a round trip between a runtime worker and the driver's thread.
+//! A single-event append took ~10 context switches that way. Here a whole
+//! group is executed in place, and the thread wakes once per group.
+//!
+//! Right after COMMIT, before answering, the committed batches are published
+//! to the hub in seq order per stream: a producer that went away after the
+//! commit cannot leave watchers without its batch.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jobcast_protocol::{StreamState, END_EVENT};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    append_response_body, Refusal, StoreError, StreamMeta, WriteOp, WriteOutcome, WriteRequest,
+};
+use crate::hub::{Batch, Hub};
+
+/// Most events committed in one transaction (a group never waits to fill).
+const GROUP_MAX_EVENTS: usize = 1000;
+/// Most data bytes committed in one transaction.
+const GROUP_MAX_BYTES: usize = 4 << 20;
+/// Events of deleted streams removed per purge step.
+const PURGE_CHUNK: i64 = 5000;
+/// Pause between purge steps, so purging never hogs the writer.
+const PURGE_EVERY: Duration = Duration::from_millis(50);
+
+/// The answer to one write.
+pub(super) type Reply = oneshot::Sender<Result<WriteOutcome, StoreError>>;
+
+/// What the writer thread is sent.
+#[derive(Debug)]
+pub(super) enum Cmd {
+    /// A write and where to answer it.
+    Write(WriteRequest, Reply),
+    /// Time passed: run housekeeping that is due.
+    Tick,
+    /// Commit what is queued before this, then stop.
+    Stop,
+}
+
+/// What retention keeps.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Retention {
+    pub(super) ttl_ms: i64,
+    pub(super) max_events: Option<u64>,
+    pub(super) idempotency_ttl_ms: i64,
+    pub(super) interval: Duration,
+}
+
+/// The writer thread's state.
+pub(super) struct Writer {
+    conn: Connection,
+    hub: Hub,
+    retention: Retention,
+    purge_pending: bool,
+    next_sweep: Instant,
+    next_purge: Instant,
+}
+
+/// What to tell the hub once the transaction committed.
+enum Publish {
+    /// The events of request `index` of the group were committed from `first_seq`.
+    Events {
+        index: usize,
+        epoch: String,
+        first_seq: u64,
+    },
+    /// The stream was created, deleted or replaced.
+    Changed(String),
+}
+
+fn unavailable(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(Box::new(e))
+}
+
+const META_COLUMNS: &str = "key, id, epoch, state, head, first_seq, created_at, updated_at";
+
+fn meta_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StreamMeta> {
+    let state: String = row.get(3)?;
+    Ok(StreamMeta {
+        key: row.get(0)?,
+        id: row.get(1)?,
+        epoch: row.get(2)?,
+        state: StreamState::parse(&state).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                3,
+                rusqlite::types::Type::Text,
+                format!("unknown state {state:?}").into(),
+            )
+        })?,
+        head: row.get::<_, i64>(4)? as u64,
+        first_seq: row.get::<_, i64>(5)? as u64,
+        created_at: row.get(6)?,
+        updated_at: row.get(7)?,
+    })
+}
+
+impl Writer {
+    /// Opens the write connection on `path` (already migrated).
+    pub(super) fn open(
+        path: &std::path::Path,
+        full_sync: bool,
+        busy_timeout: Duration,
+        hub: Hub,
+        retention: Retention,
+    ) -> Result<Writer, StoreError> {
+        let conn = Connection::open(path).map_err(unavailable)?;
+        conn.busy_timeout(busy_timeout).map_err(unavailable)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {}; \
+             PRAGMA journal_size_limit = {}; PRAGMA foreign_keys = OFF;",
+            if full_sync { "FULL" } else { "NORMAL" },
+            64 * 1024 * 1024
+        ))
+        .map_err(unavailable)?;
+        let purge_pending = conn
+            .query_row("SELECT 1 FROM purge LIMIT 1", [], |_| Ok(()))
+            .optional()
+            .map_err(unavailable)?
+            .is_some();
+        let now = Instant::now();
+        Ok(Writer {
+            conn,
+            hub,
+            retention,
+            purge_pending,
+            next_sweep: now,
+            next_purge: now,
+        })
+    }
+
+    /// The thread's loop: until `Stop` (or every sender is gone), commit
+    /// groups and run housekeeping when it is due.
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let mut group: Vec<(WriteRequest, Reply)> = Vec::new();
+        let mut stopping = false;
+        while !stopping {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            match first {
+                Cmd::Tick => {}
+                Cmd::Stop => stopping = true,
+                Cmd::Write(req, reply) => {
+                    let (mut events, mut bytes) = size_of(&req);
+                    group.push((req, reply));
+                    // Take whatever else is queued, never waiting for the group to fill.
+                    while events < GROUP_MAX_EVENTS && bytes < GROUP_MAX_BYTES {
+                        match rx.try_recv() {
+                            Ok(Cmd::Write(req, reply)) => {
+                                let (e, b) = size_of(&req);
+                                events += e;
+                                bytes += b;
+                                group.push((req, reply));
+                            }
+                            Ok(Cmd::Tick) => {}
+                            Ok(Cmd::Stop) => {
+                                stopping = true;
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.commit_group(&mut group);
+                }
+            }
+            // Also between groups, so steady writes cannot starve housekeeping.
+            self.housekeeping();
+        }
+        // Answer anything that raced with the stop: nothing more is written.
+        rx.close();
+        while let Ok(cmd) = rx.try_recv() {
+            if let Cmd::Write(_, reply) = cmd {
+                let _ = reply.send(Err(StoreError::Closed));
+            }
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        let now = Instant::now();
+        if now >= self.next_sweep {
+            self.expire();
+            self.next_sweep = now + self.retention.interval;
+        }
+        if self.purge_pending && now >= self.next_purge {
+            self.purge_step();
+            self.next_purge = now + PURGE_EVERY;
+        }
+    }
+
+    fn commit_group(&mut self, group: &mut Vec<(WriteRequest, Reply)>) {
+        let mut outcomes = Vec::with_capacity(group.len());
+        let mut publish = Vec::new();
+        let max_events = self.retention.max_events;
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for (index, (req, _)) in group.iter().enumerate() {
+                outcomes.push(apply(&tx, &self.hub, max_events, index, req, &mut publish)?);
+            }
+            tx.commit()
+        })();
+        match result {
+            Ok(()) => {
+                // Publish before answering.
+                for p in publish {
+                    match p {
+                        Publish::Events {
+                            index,
+                            epoch,
+                            first_seq,
+                        } => {
+                            let req = &group[index].0;
+                            // Encoded after COMMIT, only for watched streams: a
+                            // watcher subscribing after this check reads the
+                            // store after the commit; one before gets the batch.
+                            if self.hub.is_watched(&req.stream) {
+                                if let Some(batch) = encode(req, &epoch, first_seq) {
+                                    self.hub.publish(&req.stream, Arc::new(batch));
+                                }
+                            }
+                        }
+                        Publish::Changed(stream) => {
+                            self.purge_pending = true;
+                            self.hub.changed(&stream)
+                        }
+                    }
+                }
+                for ((_, reply), outcome) in group.drain(..).zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, writes = group.len(), "store write failed; nothing was committed");
+                let message = e.to_string();
+                for (_, reply) in group.drain(..) {
+                    let _ = reply.send(Err(StoreError::Unavailable(message.clone().into())));
+                }
+            }
+        }
+    }
+
+    /// Deletes ended streams past their TTL (watchers are told, as for a
+    /// delete) and idempotency keys past theirs.
+    fn expire(&mut self) {
+        let now = crate::time::now_ms();
+        let (ttl, key_ttl) = (self.retention.ttl_ms, self.retention.idempotency_ttl_ms);
+        let result = (|| -> rusqlite::Result<Vec<String>> {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let expired: Vec<(i64, String)> = {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT key, id FROM streams WHERE state != 'open' AND updated_at < ? LIMIT 1000",
+                )?;
+                let rows =
+                    stmt.query_map([now.saturating_sub(ttl)], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            for (key, _) in &expired {
+                delete_stream(&tx, *key)?;
+            }
+            tx.execute(
+                "DELETE FROM idempotency WHERE created_at < ?",
+                [now.saturating_sub(key_ttl)],
+            )?;
+            tx.commit()?;
+            Ok(expired.into_iter().map(|(_, id)| id).collect())
+        })();
+        match result {
+            Ok(ids) => {
+                if !ids.is_empty() {
+                    tracing::info!(
+                        streams = ids.len(),
+                        "deleted ended streams past their retention"
+                    );
+                    self.purge_pending = true;
+                }
+                for id in ids {
+                    self.hub.changed(&id);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "retention sweep failed; will retry"),
+        }
+    }
+
+    /// Removes one chunk of a deleted stream's events.
+    fn purge_step(&mut self) {
+        let result = (|| -> rusqlite::Result<bool> {
+            let Some(key) = self
+                .conn
+                .query_row("SELECT stream_key FROM purge LIMIT 1", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .optional()?
+            else {
+                return Ok(false);
+            };
+            let removed = self.conn.execute(
+                "DELETE FROM events WHERE stream_key = ?1 AND seq < \
+                 (SELECT MIN(seq) FROM events WHERE stream_key = ?1) + ?2",
+                params![key, PURGE_CHUNK],
+            )?;
+            if removed == 0 {
+                let tx = self
+                    .conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)?;
+                tx.execute("DELETE FROM idempotency WHERE stream_key = ?", [key])?;
+                tx.execute("DELETE FROM purge WHERE stream_key = ?", [key])?;
+                tx.commit()?;
+            }
+            Ok(true)
+        })();
+        match result {
+            Ok(more) => self.purge_pending = more,
+            Err(e) => tracing::warn!(error = %e, "purging a deleted stream failed; will retry"),
+        }
+    }
+}
+
+/// Encodes a committed request's events for the hub.
+fn encode(req: &WriteRequest, epoch: &str, first_seq: u64) -> Option<Batch> {
+    match &req.op {
+        WriteOp::Append(events) => Some(Batch::encode(
+            epoch,
+            first_seq,
+            events
+                .iter()
+                .map(|e| (e.event_type.as_str(), e.data.as_str())),
+            false,
+        )),
+        WriteOp::End { data, .. } => Some(Batch::encode(
+            epoch,
+            first_seq,
+            [(END_EVENT, data.as_str())],
+            true,
+        )),
+        WriteOp::Create | WriteOp::Delete => None,
+    }
+}
+
+fn size_of(req: &WriteRequest) -> (usize, usize) {
+    match &req.op {
+        WriteOp::Append(events) => (events.len(), events.iter().map(|e| e.data.len()).sum()),
+        WriteOp::End { data, .. } => (1, data.len()),
+        WriteOp::Create | WriteOp::Delete => (1, 0),
+    }
+}
+
+fn lookup(conn: &Connection, stream: &str) -> rusqlite::Result<Option<StreamMeta>> {
+    conn.prepare_cached(&format!("SELECT {META_COLUMNS} FROM streams WHERE id = ?"))?
+        .query_row([stream], meta_from_row)
+        .optional()
+}
+
+/// Removes a stream's row (freeing its id) and queues its events for purging.
+fn delete_stream(conn: &Connection, key: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached("DELETE FROM streams WHERE key = ?")?
+        .execute([key])?;
+    conn.prepare_cached("INSERT INTO purge (stream_key) VALUES (?)")?
+        .execute([key])?;
+    Ok(())
+}
+
+/// Trims the oldest events so that at most `max` are kept.
+fn trim(conn: &Connection, meta: &mut StreamMeta, max: u64) -> rusqlite::Result<()> {
+    let kept = meta.head + 1 - meta.first_seq;
+    if kept <= max {
+        return Ok(());
+    }
+    let first = meta.head + 1 - max;
+    conn.prepare_cached("DELETE FROM events WHERE stream_key = ? AND seq < ?")?
+        .execute(params![meta.key, first as i64])?;
+    conn.prepare_cached("UPDATE streams SET first_seq = ? WHERE key = ?")?
+        .execute(params![first as i64, meta.key])?;
+    meta.first_seq = first;
+    Ok(())
+}
+
+fn create(conn: &Connection, stream: &str) -> rusqlite::Result<StreamMeta> {
+    let now = crate::time::now_ms();
+    let epoch = crate::time::new_epoch();
+    let key: i64 = conn
+        .prepare_cached(
+            "INSERT INTO streams (id, epoch, state, head, first_seq, created_at, updated_at) \
+             VALUES (?, ?, 'open', 0, 1, ?, ?) RETURNING key",
+        )?
+        .query_row(params![stream, epoch, now, now], |r| r.get(0))?;
+    Ok(StreamMeta {
+        id: stream.to_owned(),
+        key,
+        epoch,
+        state: StreamState::Open,
+        head: 0,
+        first_seq: 1,
+        created_at: now,
+        updated_at: now,
+    })
+}
+
+/// A previous answer to the same Idempotency-Key, or a refusal when the key
+/// came with another request.
+fn idempotent_replay(
+    conn: &Connection,
+    meta: &StreamMeta,
+    req: &WriteRequest,
+) -> rusqlite::Result<Option<WriteOutcome>> {
+    let Some(idem) = &req.idempotency else {
+        return Ok(None);
+    };
+    let row = conn
+        .prepare_cached(
+            "SELECT hash, status, body FROM idempotency WHERE stream_key = ? AND key = ?",
+        )?
+        .query_row(params![meta.key, idem.key], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })
+        .optional()?;
+    let Some((hash, status, body)) = row else {
+        return Ok(None);
+    };
+    if hash != idem.hash {
+        return Ok(Some(WriteOutcome::Refused(Refusal::IdempotencyKeyReused)));
+    }
+    Ok(Some(WriteOutcome::Replayed {
+        status: status as u16,
+        body,
+    }))
+}
+
+fn remember(
+    conn: &Connection,
+    meta: &StreamMeta,
+    req: &WriteRequest,
+    status: u16,
+    body: &str,
+) -> rusqlite::Result<()> {
+    let Some(idem) = &req.idempotency else {
+        return Ok(());
+    };
+    conn.prepare_cached(
+        "INSERT INTO idempotency (stream_key, key, hash, status, body, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )?
+    .execute(params![
+        meta.key,
+        idem.key,
+        &idem.hash[..],
+        status as i64,
+        body,
+        crate::time::now_ms()
+    ])?;
+    Ok(())
+}
+
+fn insert_events<'a>(
+    conn: &Connection,
+    key: i64,
+    first_seq: u64,
+    time: i64,
+    events: impl Iterator<Item = (&'a str, &'a str)>,
+) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO events (stream_key, seq, type, data, time) VALUES (?, ?, ?, ?, ?)",
+    )?;
+    for (i, (ty, data)) in events.enumerate() {
+        stmt.execute(params![key, (first_seq + i as u64) as i64, ty, data, time])?;
+    }
+    Ok(())
+}
+
+/// Applies one request inside the group's transaction. A refusal is decided
+/// before anything is written for that request, so it changes nothing.
+fn apply(
+    conn: &Connection,
+    hub: &Hub,
+    max_events: Option<u64>,
+    index: usize,
+    req: &WriteRequest,
+    publish: &mut Vec<Publish>,
+) -> rusqlite::Result<WriteOutcome> {
+    let existing = lookup(conn, &req.stream)?;
+    match &req.op {
+        WriteOp::Create => Ok(match existing {
+            Some(meta) => WriteOutcome::Created {
+                meta,
+                created: false,
+            },
+            None => {
+                let meta = create(conn, &req.stream)?;
+                publish.push(Publish::Changed(req.stream.clone()));
+                WriteOutcome::Created {
+                    meta,
+                    created: true,
+                }
+            }
+        }),
+        WriteOp::Delete => {
+            let Some(meta) = existing else {
+                return Ok(WriteOutcome::Refused(Refusal::NotFound));
+            };
+            delete_stream(conn, meta.key)?;
+            publish.push(Publish::Changed(req.stream.clone()));
+            Ok(WriteOutcome::Deleted)
+        }
+        WriteOp::Append(events) => {
+            let mut meta = match existing {
+                Some(meta) => {
+                    if let Some(replay) = idempotent_replay(conn, &meta, req)? {
+                        return Ok(replay);
+                    }
+                    meta
+                }
+                None => {
+                    let meta = create(conn, &req.stream)?;
+                    publish.push(Publish::Changed(req.stream.clone()));
+                    meta
+                }
+            };
+            if meta.ended() {
+                return Ok(WriteOutcome::Refused(Refusal::StreamEnded));
+            }
+            let first_seq = meta.head + 1;
+            let last_seq = meta.head + events.len() as u64;
+            let now = crate::time::now_ms();
+            let pairs = events
+                .iter()
+                .map(|e| (e.event_type.as_str(), e.data.as_str()));
+            insert_events(conn, meta.key, first_seq, now, pairs)?;
+            conn.prepare_cached("UPDATE streams SET head = ?, updated_at = ? WHERE key = ?")?
+                .execute(params![last_seq as i64, now, meta.key])?;
+            meta.head = last_seq;
+            if let Some(max) = max_events {
+                trim(conn, &mut meta, max)?;
+            }
+            let body = append_response_body(&meta.epoch, first_seq, last_seq);
+            remember(conn, &meta, req, 201, &body)?;
+            publish.push(Publish::Events {
+                index,
+                epoch: meta.epoch.clone(),
+                first_seq,
+            });
+            Ok(WriteOutcome::Appended {
+                epoch: meta.epoch,
+                first_seq,
+                last_seq,
+            })
+        }
+        WriteOp::End { state, data } => {
+            let Some(mut meta) = existing else {
+                return Ok(WriteOutcome::Refused(Refusal::NotFound));
+            };
+            if let Some(replay) = idempotent_replay(conn, &meta, req)? {
+                return Ok(replay);
+            }
+            if meta.ended() {
+                return Ok(WriteOutcome::Refused(Refusal::StreamEnded));
+            }
+            let seq = meta.head + 1;
+            let now = crate::time::now_ms();
+            insert_events(
+                conn,
+                meta.key,
+                seq,
+                now,
+                std::iter::once((END_EVENT, data.as_str())),
+            )?;
+            conn.prepare_cached(
+                "UPDATE streams SET head = ?, state = ?, updated_at = ? WHERE key = ?",
+            )?
+            .execute(params![seq as i64, state.as_str(), now, meta.key])?;
+            meta.head = seq;
+            meta.state = *state;
+            meta.updated_at = now;
+            let body = serde_json::to_string(&meta.to_json(hub.watchers_of(&req.stream)))
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            remember(conn, &meta, req, 200, &body)?;
+            publish.push(Publish::Events {
+                index,
+                epoch: meta.epoch.clone(),
+                first_seq: seq,
+            });
+            Ok(WriteOutcome::Ended { meta })
+        }
+    }
+}
