@@ -83,6 +83,10 @@ struct ServeArgs {
     /// At shutdown, requests in flight get this long to finish.
     #[arg(long, env = "JOBCAST_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     shutdown_grace: Duration,
+    /// Serve without authentication on a non-loopback address (anyone who
+    /// can reach it may publish, delete and watch every stream).
+    #[arg(long, env = "JOBCAST_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
 }
 
 #[tokio::main]
@@ -115,6 +119,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .init();
     if args.max_event_bytes == 0 {
         bail!("--max-event-bytes must be at least 1");
+    }
+    // Safe default: without authentication, only this machine may connect.
+    if !args.listen.ip().is_loopback() && !args.insecure_no_auth {
+        bail!(
+            "refusing to listen on {} without authentication: bind a loopback address, \
+             or pass --insecure-no-auth to let anyone who can reach it publish and watch",
+            args.listen
+        );
+    }
+    if args.insecure_no_auth && !args.listen.ip().is_loopback() {
+        tracing::warn!(addr = %args.listen, "serving without authentication on a non-loopback address");
     }
     let config = Config {
         db: args.db.clone(),

@@ -165,3 +165,76 @@ async fn many_stdin_lines_are_published_in_order() {
     assert_eq!(r.code, 0);
     assert_eq!(r.stdout, input);
 }
+
+/// Safe default: no authentication means loopback only, unless the operator
+/// says otherwise in so many words.
+#[tokio::test]
+async fn serve_refuses_a_public_bind_without_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("p.db").display());
+    let out = std::process::Command::new(cli_support::bin())
+        .args(["serve", "--listen", "0.0.0.0:0", "--db", &db])
+        .env_remove("JOBCAST_INSECURE_NO_AUTH")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "one clear line: {err}");
+    assert!(
+        err.contains("refusing to listen on 0.0.0.0:0 without authentication"),
+        "{err}"
+    );
+    assert!(err.contains("--insecure-no-auth"), "{err}");
+    assert!(!dir.path().join("p.db").exists(), "nothing was opened");
+}
+
+/// With --insecure-no-auth the operator's choice is honoured (and the
+/// server is reached here over loopback only).
+#[tokio::test]
+async fn insecure_no_auth_allows_a_public_bind() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("p.db").display());
+    let mut child = std::process::Command::new(cli_support::bin())
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--db",
+            &db,
+            "--insecure-no-auth",
+        ])
+        .env("JOBCAST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // The warning about the public bind carries an addr= too.
+            if !line.contains("listening") {
+                continue;
+            }
+            if let Some(addr) = line.split("addr=").nth(1) {
+                let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(std::time::Duration::from_secs(30));
+    let port = addr
+        .as_deref()
+        .ok()
+        .and_then(|a| a.rsplit(':').next())
+        .map(str::to_owned);
+    let status = match &port {
+        Some(p) => reqwest::get(format!("http://127.0.0.1:{p}/healthz"))
+            .await
+            .map(|r| r.status().as_u16())
+            .ok(),
+        None => None,
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, Some(200), "address line: {addr:?}");
+}
