@@ -77,29 +77,7 @@ async fn kill_9_loses_no_acknowledged_event() {
     let mut logs = std::collections::HashMap::new();
     for s in 0..4 {
         let stream = format!("job-{s}");
-        let mut all = Vec::new();
-        let mut after = String::new();
-        loop {
-            let q = if after.is_empty() {
-                String::new()
-            } else {
-                format!("&after={after}")
-            };
-            let v: serde_json::Value = client
-                .get(format!("{url}/v1/streams/{stream}/events?limit=1000{q}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let events = v["events"].as_array().unwrap().clone();
-            if events.is_empty() {
-                break;
-            }
-            after = v["next"].as_str().unwrap().to_owned();
-            all.extend(events);
-        }
+        let all = cli_support::read_log(&client, &url, &stream).await;
         for (i, e) in all.iter().enumerate() {
             assert_eq!(e["seq"].as_u64().unwrap(), i as u64 + 1, "seqs are dense");
         }

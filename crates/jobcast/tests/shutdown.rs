@@ -2,61 +2,15 @@
 //! every watcher, finish appends in flight, exit — and lose no acknowledged
 //! event.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod cli_support;
+
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cli_support::Server;
 use jobcast_protocol::decode::{Decoder, Frame, SseEvent};
 use jobcast_protocol::{ErrorPayload, EventId};
-
-/// Starts the real binary on 127.0.0.1:0 and returns it with its base URL
-/// (read from its "listening" log line).
-fn start(db: &str) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_jobcast"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--db",
-            db,
-            "--heartbeat",
-            "1s",
-        ])
-        .env("JOBCAST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn jobcast");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("addr=").nth(1) {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
-                }
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("server did not log its address");
-    (child, format!("http://{addr}"))
-}
-
-/// Kills the child if a test panics before it exits by itself.
-struct Guard(Option<Child>);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// An SSE response read with the protocol decoder.
 struct Watch {
@@ -105,9 +59,10 @@ async fn sigterm_tells_every_watcher_and_loses_no_acknowledged_event() {
     const STREAM: &str = "job";
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("d.db").display());
-    let (child, url) = start(&db);
-    let pid = child.id();
-    let mut child = Guard(Some(child));
+    // Killed on drop if an assertion fails before it exits by itself.
+    let mut server = Server::start_with(&db, 0, &["--heartbeat", "1s"]).expect("start jobcast");
+    let url = server.url.clone();
+    let pid = server.child.id();
     let client = reqwest::Client::new();
 
     let res = client
@@ -199,8 +154,7 @@ async fn sigterm_tells_every_watcher_and_loses_no_acknowledged_event() {
     assert!(status.success(), "kill -TERM failed");
     let sent = Instant::now();
     let exit = loop {
-        let c = child.0.as_mut().expect("child");
-        if let Some(s) = c.try_wait().expect("try_wait") {
+        if let Some(s) = server.child.try_wait().expect("try_wait") {
             break s;
         }
         assert!(
@@ -209,7 +163,6 @@ async fn sigterm_tells_every_watcher_and_loses_no_acknowledged_event() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    child.0 = None;
     let exited_after = sent.elapsed();
     assert!(exit.success(), "jobcast exited with {exit} after SIGTERM");
 
@@ -250,35 +203,8 @@ async fn sigterm_tells_every_watcher_and_loses_no_acknowledged_event() {
     );
 
     // Restart on the same database: every acknowledged event is there.
-    let (child2, url) = start(&db);
-    let _child2 = Guard(Some(child2));
-    let mut log: Vec<serde_json::Value> = Vec::new();
-    let mut after = String::new();
-    for page in 0.. {
-        assert!(page < 10_000, "paging did not end");
-        let q = if after.is_empty() {
-            String::new()
-        } else {
-            format!("&after={after}")
-        };
-        let v: serde_json::Value = client
-            .get(format!("{url}/v1/streams/{STREAM}/events?limit=1000{q}"))
-            .send()
-            .await
-            .expect("page")
-            .json()
-            .await
-            .expect("page JSON");
-        let events = v["events"].as_array().expect("events").clone();
-        if events.is_empty() {
-            break;
-        }
-        log.extend(events);
-        match v["next"].as_str() {
-            Some(n) => after = n.to_owned(),
-            None => break,
-        }
-    }
+    let server = Server::start_on(&db, 0).expect("restart jobcast");
+    let log = cli_support::read_log(&client, &server.url, STREAM).await;
     for (i, e) in log.iter().enumerate() {
         assert_eq!(e["seq"].as_u64(), Some(i as u64 + 1), "seqs are dense");
     }

@@ -31,6 +31,11 @@ impl Server {
 
     /// Starts on `port` (0: any) with the store `db`; None if it did not come up.
     pub fn start_on(db: &str, port: u16) -> Option<Server> {
+        Self::start_with(db, port, &[])
+    }
+
+    /// Like [`Server::start_on`], with extra `serve` flags.
+    pub fn start_with(db: &str, port: u16, extra: &[&str]) -> Option<Server> {
         let mut child = Command::new(bin())
             .args([
                 "serve",
@@ -41,6 +46,7 @@ impl Server {
             ])
             // Short reconnect floor and shutdown grace keep the tests quick.
             .args(["--retry", "100ms", "--shutdown-grace", "2s"])
+            .args(extra)
             .env("JOBCAST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -105,6 +111,38 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The whole log of `stream` through the JSON pages, following `next`.
+pub async fn read_log(client: &reqwest::Client, url: &str, stream: &str) -> Vec<serde_json::Value> {
+    let mut log = Vec::new();
+    let mut after = String::new();
+    for page in 0.. {
+        assert!(page < 10_000, "paging did not end");
+        let q = if after.is_empty() {
+            String::new()
+        } else {
+            format!("&after={after}")
+        };
+        let v: serde_json::Value = client
+            .get(format!("{url}/v1/streams/{stream}/events?limit=1000{q}"))
+            .send()
+            .await
+            .expect("page")
+            .json()
+            .await
+            .expect("page JSON");
+        let events = v["events"].as_array().expect("events").clone();
+        if events.is_empty() {
+            break;
+        }
+        log.extend(events);
+        match v["next"].as_str() {
+            Some(n) => after = n.to_owned(),
+            None => break,
+        }
+    }
+    log
 }
 
 /// The outcome of a command.
