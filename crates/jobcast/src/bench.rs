@@ -141,6 +141,17 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
 }
 
 /// Raises the open-file limit to the hard limit; returns (soft, hard).
+/// What every scenario does first: raise the open-files limit and say so.
+fn start() -> Result<(Ui, (u64, u64))> {
+    let nofile = raise_nofile()?;
+    let ui = Ui::new();
+    ui.note(format!(
+        "open files: {} (hard limit {})",
+        nofile.0, nofile.1
+    ));
+    Ok((ui, nofile))
+}
+
 fn raise_nofile() -> Result<(u64, u64)> {
     let soft = rlimit::increase_nofile_limit(u64::MAX).context("raising RLIMIT_NOFILE")?;
     let (_, hard) = rlimit::Resource::NOFILE

@@ -15,7 +15,7 @@ use super::http::{Conn, Endpoint};
 use super::stats::{self, Latency};
 use super::target::Api;
 use super::watch::{self, Plan, Shared, Totals};
-use super::{Common, Outcome, Ui};
+use super::{Common, Outcome};
 
 /// `jobcast bench fanout`.
 #[derive(Debug, Args)]
@@ -69,12 +69,7 @@ pub(super) async fn run(args: FanoutArgs) -> Result<()> {
             c.target.name()
         );
     }
-    let nofile = super::raise_nofile()?;
-    let ui = Ui::new();
-    ui.note(format!(
-        "open files: {} (hard limit {})",
-        nofile.0, nofile.1
-    ));
+    let (ui, nofile) = super::start()?;
     let endpoint = c.endpoint(args.watchers + args.streams + 1).await?;
     let timeout = c.timeout.unwrap_or(Duration::from_secs(120));
     let deadline = Instant::now() + timeout;

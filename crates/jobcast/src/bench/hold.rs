@@ -44,12 +44,7 @@ pub(super) async fn run(args: HoldArgs) -> Result<()> {
     if args.settle >= args.duration {
         bail!("--settle must be shorter than --duration");
     }
-    let nofile = super::raise_nofile()?;
-    let ui = Ui::new();
-    ui.note(format!(
-        "open files: {} (hard limit {})",
-        nofile.0, nofile.1
-    ));
+    let (ui, nofile) = super::start()?;
     if nofile.0 < args.watchers + 64 {
         ui.note(format!(
             "warning: {} watchers need more open files than the limit {}",

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::http::Conn;
 use super::stats::{self, Latency};
-use super::{Common, Outcome, Ui};
+use super::{Common, Outcome};
 
 /// `jobcast bench ingest`.
 #[derive(Debug, Args)]
@@ -63,12 +63,7 @@ pub(super) async fn run(args: IngestArgs) -> Result<()> {
             c.target.name()
         );
     }
-    let nofile = super::raise_nofile()?;
-    let ui = Ui::new();
-    ui.note(format!(
-        "open files: {} (hard limit {})",
-        nofile.0, nofile.1
-    ));
+    let (ui, nofile) = super::start()?;
     let endpoint = c.endpoint(args.producers + 1).await?;
     let timeout = c.timeout.unwrap_or(
         args.duration * u32::try_from(args.batch.len()).unwrap_or(u32::MAX)

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::http::Conn;
 use super::target::Target;
 use super::watch::{self, Plan, Shared, Totals};
-use super::{Common, Outcome, Ui};
+use super::{Common, Outcome};
 
 /// `jobcast bench replay`.
 #[derive(Debug, Args)]
@@ -48,12 +48,7 @@ pub(super) async fn run(args: ReplayArgs) -> Result<()> {
     if args.events == 0 || args.watchers == 0 || args.load_batch == 0 || args.load_batch > 1000 {
         bail!("--events and --watchers must be at least 1, --load-batch in 1..=1000");
     }
-    let nofile = super::raise_nofile()?;
-    let ui = Ui::new();
-    ui.note(format!(
-        "open files: {} (hard limit {})",
-        nofile.0, nofile.1
-    ));
+    let (ui, nofile) = super::start()?;
     let api = c.api();
     let endpoint = c.endpoint(args.watchers + 1).await?;
     let timeout = c.timeout.unwrap_or(Duration::from_secs(600));
