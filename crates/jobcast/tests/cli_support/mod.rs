@@ -1,18 +1,37 @@
 //! Support for the CLI tests: the real `jobcast` binary as a server (on a
 //! given or free loopback port, killable with SIGKILL and restartable on the
-//! same address and store) and as a client command with a deadline.
+//! same address and store) and as a client command with a deadline; for the
+//! multi-node tests also a test PostgreSQL database ([`pg`]), a TCP proxy that
+//! can cut it off ([`proxy`]), an SSE reader that resumes ([`sse`]) and a
+//! throw-away nginx ([`nginx`]).
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod nginx;
+pub mod pg;
+pub mod proxy;
+pub mod sse;
+
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// The longest a CLI command may take in these tests.
 pub const T: Duration = Duration::from_secs(40);
 
+/// The binary under test: `JOBCAST_BIN` (scripts/test points it at the
+/// release build), else the one cargo built for this test run.
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_jobcast")
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| match std::env::var("JOBCAST_BIN") {
+        Ok(b) if !b.is_empty() => b,
+        _ => env!("CARGO_BIN_EXE_jobcast").to_owned(),
+    })
 }
+
+/// How many of a server's last log lines are kept for failure messages.
+const LOG_LINES: usize = 200;
 
 /// A `jobcast serve` process; killed when dropped.
 pub struct Server {
@@ -20,6 +39,9 @@ pub struct Server {
     pub url: String,
     pub port: u16,
     pub db: String,
+    extra: Vec<String>,
+    /// The last [`LOG_LINES`] lines the server wrote to stderr.
+    log: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl Server {
@@ -54,9 +76,18 @@ impl Server {
             .expect("spawn jobcast serve");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::new(Mutex::new(VecDeque::new()));
+        let keep = log.clone();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                {
+                    let mut keep = keep.lock().unwrap();
+                    if keep.len() == LOG_LINES {
+                        keep.pop_front();
+                    }
+                    keep.push_back(line.clone());
+                }
                 if let Some(addr) = line.split("addr=").nth(1) {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
@@ -76,6 +107,8 @@ impl Server {
                     url: format!("http://{addr}"),
                     port,
                     db: db.to_owned(),
+                    extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+                    log,
                 })
             }
             Err(_) => {
@@ -86,16 +119,24 @@ impl Server {
         }
     }
 
+    /// The last lines of the server's log, for a failure message.
+    pub fn log_tail(&self) -> String {
+        let log = self.log.lock().unwrap();
+        log.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
     /// kill -9.
     pub fn kill(&mut self) {
         self.child.kill().expect("kill -9");
         self.child.wait().expect("wait");
     }
 
-    /// Starts again on the same port and store (retrying while the port is busy).
+    /// Starts again on the same port, store and flags (retrying while the port is busy).
     pub fn restart(&mut self) {
+        let extra = self.extra.clone();
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         for _ in 0..50 {
-            if let Some(s) = Server::start_on(&self.db, self.port) {
+            if let Some(s) = Server::start_with(&self.db, self.port, &extra) {
                 let old = std::mem::replace(self, s);
                 drop(old);
                 return;
