@@ -58,6 +58,8 @@ pub struct Config {
     /// Serve SSE watch requests that open a connection with the lean writer
     /// (less memory per watcher) instead of hyper.
     pub lean_sse: bool,
+    /// PostgreSQL connections per node for reads and writes (plus one listener).
+    pub pg_pool_size: u32,
 }
 
 impl Default for Config {
@@ -84,6 +86,7 @@ impl Default for Config {
             retention_interval: Duration::from_secs(60),
             busy_timeout: Duration::from_secs(5),
             lean_sse: true,
+            pg_pool_size: 16,
         }
     }
 }

@@ -63,6 +63,21 @@ impl Batch {
         }
     }
 
+    /// The same batch without its events up to seq `after` (`first_seq <= after < last_seq`).
+    fn suffix(&self, after: u64) -> Batch {
+        let skip = (after + 1 - self.first_seq) as usize;
+        let start = self.offsets[skip];
+        Batch {
+            epoch: self.epoch.clone(),
+            first_seq: after + 1,
+            last_seq: self.last_seq,
+            bytes: self.bytes.slice(start as usize..),
+            offsets: self.offsets[skip..].iter().map(|o| o - start).collect(),
+            ends: self.ends,
+            published_at: self.published_at,
+        }
+    }
+
     /// The encoded events with seq > `after` (all of them when `after` < first_seq).
     pub fn after(&self, after: u64) -> Bytes {
         if after < self.first_seq {
@@ -200,9 +215,25 @@ impl Hub {
         self.inner.closed.load(Ordering::Relaxed)
     }
 
-    /// Publishes a committed batch. Called by the writer right after COMMIT,
-    /// in seq order per stream.
-    pub fn publish(&self, stream: &str, batch: Arc<Batch>) {
+    /// Streams watched on this node (to re-sync them after missed wake-ups).
+    pub fn watched(&self) -> Vec<String> {
+        lock(&self.inner.streams).keys().cloned().collect()
+    }
+
+    /// The epoch and last seq of the newest batch in a stream's ring.
+    pub fn ring_head(&self, stream: &str) -> Option<(Arc<str>, u64)> {
+        let entry = self.entry(stream)?;
+        let ring = lock(&entry.ring);
+        let last = ring.batches.back()?;
+        Some((last.epoch.clone(), last.last_seq))
+    }
+
+    /// Publishes a committed batch, right after its COMMIT. Batches of one
+    /// epoch are kept in seq order: a batch at or below the ring's head is
+    /// dropped, one overlapping it is cut. With several writers (nodes on one
+    /// PostgreSQL) batches may arrive late or out of order; a seq missing
+    /// from the ring is a gap that watchers fill from the store.
+    pub fn publish(&self, stream: &str, mut batch: Arc<Batch>) {
         let Some(entry) = self.entry(stream) else {
             return;
         };
@@ -212,6 +243,13 @@ impl Hub {
                 ring.batches.clear();
                 ring.bytes = 0;
                 ring.epoch = Some(batch.epoch.clone());
+            } else if let Some(head) = ring.batches.back().map(|b| b.last_seq) {
+                if batch.last_seq <= head {
+                    return;
+                }
+                if batch.first_seq <= head {
+                    batch = Arc::new(batch.suffix(head));
+                }
             }
             ring.bytes += batch.bytes.len();
             ring.batches.push_back(batch);
@@ -375,6 +413,32 @@ mod tests {
         );
         assert_eq!(sub.read("e", 8, |b| b.count()), Err(RingRead::Nothing));
         assert_eq!(sub.read("x", 3, |b| b.count()), Err(RingRead::OtherEpoch));
+    }
+
+    #[test]
+    fn late_and_overlapping_batches_keep_the_ring_in_order() {
+        let hub = Hub::new(1 << 20);
+        let sub = hub.subscribe("s");
+        hub.publish("s", batch("e", 1, 3)); // 1..=3
+        hub.publish("s", batch("e", 2, 1)); // late: dropped
+        hub.publish("s", batch("e", 2, 4)); // 2..=5 overlaps: 4..=5 kept
+        assert_eq!(hub.ring_head("s"), Some((Arc::from("e"), 5)));
+        let got = sub.read("e", 3, |b| {
+            let b: Vec<_> = b.collect();
+            (b.len(), b[0].first_seq, b[0].after(3))
+        });
+        assert_eq!(
+            got,
+            Ok((
+                1,
+                4,
+                bytes::Bytes::from_static(b"id: e-4\ndata: e4\n\nid: e-5\ndata: e5\n\n")
+            ))
+        );
+        hub.publish("s", batch("e", 8, 1)); // a gap: 6..=7 come from the store
+        assert_eq!(sub.read("e", 5, |b| b.count()), Err(RingRead::Gap));
+        assert_eq!(sub.read("e", 7, |b| b.count()), Ok(1));
+        assert_eq!(hub.watched(), vec!["s".to_string()]);
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! The store conformance suite: what every backend of `Store` must do, run
-//! against the `Store` API itself (no HTTP). Today it runs on SQLite; the
-//! PostgreSQL backend plugs into `backends()` and must pass the same tests.
+//! against the `Store` API itself (no HTTP), on SQLite and on PostgreSQL
+//! (each test in its own database on the server named by `JOBCAST_TEST_PG`,
+//! default `postgres://postgres@127.0.0.1:5432`).
+
+mod pg;
 
 use std::sync::Arc;
 
@@ -12,13 +15,14 @@ use jobcast_server::store::{
 };
 use jobcast_server::Config;
 
-/// A store under test, with the directory that holds it.
+/// A store under test, with what holds its data (dropped after the store).
 struct Backend {
     store: Store,
     _dir: tempfile::TempDir,
+    _db: Option<pg::Database>,
 }
 
-/// Every backend the suite runs against.
+/// Every backend the suite runs against, configured by `f`.
 async fn backends(f: impl Fn(&mut Config)) -> Vec<Backend> {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config {
@@ -26,10 +30,26 @@ async fn backends(f: impl Fn(&mut Config)) -> Vec<Backend> {
         ..Config::default()
     };
     f(&mut config);
-    let store = Store::open(&config, Hub::new(1 << 20), Metrics::new())
+    let sqlite = Store::open(&config, Hub::new(1 << 20), Metrics::new())
         .await
         .unwrap();
-    vec![Backend { store, _dir: dir }]
+    let db = pg::Database::create().await;
+    config.db = db.url();
+    let postgres = Store::open(&config, Hub::new(1 << 20), Metrics::new())
+        .await
+        .unwrap();
+    vec![
+        Backend {
+            store: sqlite,
+            _dir: dir,
+            _db: None,
+        },
+        Backend {
+            store: postgres,
+            _dir: tempfile::tempdir().unwrap(),
+            _db: Some(db),
+        },
+    ]
 }
 
 fn events(n: usize, tag: &str) -> WriteOp {
@@ -275,5 +295,55 @@ async fn list_is_newest_first_and_filters_by_state() {
             .map(|m| m.id)
             .collect();
         assert_eq!(ids, ["l2"]);
+    }
+}
+
+#[tokio::test]
+async fn retention_deletes_ended_streams_past_their_ttl() {
+    for b in backends(|c| {
+        c.retention_ttl = std::time::Duration::from_millis(1);
+        c.retention_interval = std::time::Duration::from_millis(20);
+    })
+    .await
+    {
+        let s = &b.store;
+        write(s, "kept-open", events(2, "o"), None).await;
+        write(s, "ended", events(2, "e"), None).await;
+        let end = WriteOp::End {
+            state: StreamState::Completed,
+            data: r#"{"state":"completed"}"#.into(),
+        };
+        write(s, "ended", end, None).await;
+        let mut gone = false;
+        for _ in 0..500 {
+            if s.meta("ended").await.unwrap().is_none() {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(gone, "the ended stream outlived its retention");
+        assert!(
+            s.meta("kept-open").await.unwrap().is_some(),
+            "open streams are kept"
+        );
+        assert_eq!(all_events(s, "kept-open").await.len(), 2);
+    }
+}
+
+#[tokio::test]
+async fn any_utf8_data_round_trips() {
+    for b in backends(|_| {}).await {
+        let s = &b.store;
+        let data = "nul \u{0} crlf \r\n emoji \u{1F600} quote \"";
+        let op = WriteOp::Append(vec![NewEvent {
+            event_type: "t.1:x-y".into(),
+            data: data.into(),
+        }]);
+        write(s, "u", op, None).await;
+        assert_eq!(
+            all_events(s, "u").await,
+            vec![(1, "t.1:x-y".to_string(), data.to_string())]
+        );
     }
 }

@@ -47,7 +47,8 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "JOBCAST_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
-    /// Database URL: sqlite://PATH (created if missing).
+    /// Database URL: sqlite://PATH (created if missing), or
+    /// postgres://USER@HOST/DB for several nodes on one database.
     #[arg(long, env = "JOBCAST_DB", default_value = "sqlite://jobcast.db")]
     db: String,
     /// SQLite durability: normal survives kill -9, full also survives power loss.
@@ -83,6 +84,9 @@ struct ServeArgs {
     /// At shutdown, requests in flight get this long to finish.
     #[arg(long, env = "JOBCAST_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     shutdown_grace: Duration,
+    /// PostgreSQL connections per node for reads and writes (plus one listener).
+    #[arg(long, env = "JOBCAST_PG_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..))]
+    pg_pool_size: u32,
     /// Serve without authentication on a non-loopback address (anyone who
     /// can reach it may publish, delete and watch every stream).
     #[arg(long, env = "JOBCAST_INSECURE_NO_AUTH")]
@@ -147,6 +151,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_events_per_stream: args.max_events_per_stream,
         store_retry_limit: args.store_retry_limit,
         shutdown_grace: args.shutdown_grace,
+        pg_pool_size: args.pg_pool_size,
         ..Config::default()
     };
     let server = Jobcast::open(config)

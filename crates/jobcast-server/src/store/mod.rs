@@ -7,9 +7,11 @@
 //! trait trips `async_fn_in_trait`); the types here hold no backend-specific
 //! types, so PostgreSQL fits behind the same surface.
 
+mod postgres;
 mod sqlite;
 mod writer;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,7 +36,7 @@ pub enum StoreError {
     #[error("the store is shutting down")]
     Closed,
     /// The database URL is not one jobcast can open.
-    #[error("unsupported database url {0:?} (expected sqlite://PATH)")]
+    #[error("unsupported database url {0:?} (expected sqlite://PATH or postgres://…)")]
     UnsupportedUrl(String),
 }
 
@@ -267,6 +269,8 @@ impl FaultSwitch {
 pub enum Store {
     /// The embedded default.
     Sqlite(SqliteStore),
+    /// PostgreSQL, for several nodes on one database.
+    Postgres(PgStore),
     /// Another store whose calls fail while its switch is on.
     Faulty(Box<Store>, FaultSwitch, Metrics),
 }
@@ -279,6 +283,8 @@ impl Store {
             Ok(Store::Sqlite(
                 SqliteStore::open(config, hub, metrics).await?,
             ))
+        } else if config.db.starts_with("postgres://") || config.db.starts_with("postgresql://") {
+            Ok(Store::Postgres(PgStore::open(config, hub, metrics).await?))
         } else {
             Err(StoreError::UnsupportedUrl(config.db.clone()))
         }
@@ -297,6 +303,7 @@ impl Store {
     pub async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
         match self {
             Store::Sqlite(s) => s.metrics().counted(s.write(req).await),
+            Store::Postgres(s) => s.metrics().counted(s.write(req).await),
             Store::Faulty(inner, switch, m) => {
                 switch.check(m)?;
                 Box::pin(inner.write(req)).await
@@ -308,6 +315,7 @@ impl Store {
     pub async fn meta(&self, stream: &str) -> Result<Option<StreamMeta>, StoreError> {
         match self {
             Store::Sqlite(s) => s.metrics().counted(s.meta(stream).await),
+            Store::Postgres(s) => s.metrics().counted(s.meta(stream).await),
             Store::Faulty(inner, switch, m) => {
                 switch.check(m)?;
                 Box::pin(inner.meta(stream)).await
@@ -324,6 +332,7 @@ impl Store {
     ) -> Result<Option<Page>, StoreError> {
         match self {
             Store::Sqlite(s) => s.metrics().counted(s.read(stream, after, limit).await),
+            Store::Postgres(s) => s.metrics().counted(s.read(stream, after, limit).await),
             Store::Faulty(inner, switch, m) => {
                 switch.check(m)?;
                 Box::pin(inner.read(stream, after, limit)).await
@@ -335,6 +344,7 @@ impl Store {
     pub async fn list(&self, q: &ListQuery) -> Result<Vec<StreamMeta>, StoreError> {
         match self {
             Store::Sqlite(s) => s.metrics().counted(s.list(q).await),
+            Store::Postgres(s) => s.metrics().counted(s.list(q).await),
             Store::Faulty(inner, switch, m) => {
                 switch.check(m)?;
                 Box::pin(inner.list(q)).await
@@ -346,6 +356,7 @@ impl Store {
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
             Store::Sqlite(s) => s.metrics().counted(s.ping().await),
+            Store::Postgres(s) => s.metrics().counted(s.ping().await),
             Store::Faulty(inner, switch, m) => {
                 switch.check(m)?;
                 Box::pin(inner.ping()).await
@@ -357,6 +368,7 @@ impl Store {
     pub async fn close(&self) {
         match self {
             Store::Sqlite(s) => s.close().await,
+            Store::Postgres(s) => s.close().await,
             Store::Faulty(inner, _, _) => Box::pin(inner.close()).await,
         }
     }

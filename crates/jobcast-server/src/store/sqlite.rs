@@ -96,12 +96,7 @@ impl SqliteStore {
             .await?;
         // The migration connection is done; the writer opens its own.
         conn.close().await?;
-        let retention = Retention {
-            ttl_ms: config.retention_ttl.as_millis().min(i64::MAX as u128) as i64,
-            max_events: config.max_events_per_stream,
-            idempotency_ttl_ms: config.idempotency_ttl.as_millis().min(i64::MAX as u128) as i64,
-            interval: config.retention_interval,
-        };
+        let retention = Retention::from_config(config);
         let writer = Writer::open(
             opts.get_filename(),
             config.sync == SyncMode::Full,

@@ -23,11 +23,11 @@ use super::{
 use crate::hub::{Batch, Hub};
 
 /// Most events committed in one transaction (a group never waits to fill).
-const GROUP_MAX_EVENTS: usize = 1000;
+pub(super) const GROUP_MAX_EVENTS: usize = 1000;
 /// Most data bytes committed in one transaction.
-const GROUP_MAX_BYTES: usize = 4 << 20;
+pub(super) const GROUP_MAX_BYTES: usize = 4 << 20;
 /// Events of deleted streams removed per purge step.
-const PURGE_CHUNK: i64 = 5000;
+pub(super) const PURGE_CHUNK: i64 = 5000;
 /// Pause between purge steps, so purging never hogs the writer.
 const PURGE_EVERY: Duration = Duration::from_millis(50);
 
@@ -52,6 +52,18 @@ pub(super) struct Retention {
     pub(super) max_events: Option<u64>,
     pub(super) idempotency_ttl_ms: i64,
     pub(super) interval: Duration,
+}
+
+impl Retention {
+    /// The retention settings of a configuration.
+    pub(super) fn from_config(config: &crate::config::Config) -> Retention {
+        Retention {
+            ttl_ms: config.retention_ttl.as_millis().min(i64::MAX as u128) as i64,
+            max_events: config.max_events_per_stream,
+            idempotency_ttl_ms: config.idempotency_ttl.as_millis().min(i64::MAX as u128) as i64,
+            interval: config.retention_interval,
+        }
+    }
 }
 
 /// The writer thread's state.
@@ -328,7 +340,7 @@ impl Writer {
 }
 
 /// Encodes a committed request's events for the hub.
-fn encode(req: &WriteRequest, epoch: &str, first_seq: u64) -> Option<Batch> {
+pub(super) fn encode(req: &WriteRequest, epoch: &str, first_seq: u64) -> Option<Batch> {
     match &req.op {
         WriteOp::Append(events) => Some(Batch::encode(
             epoch,
@@ -348,7 +360,7 @@ fn encode(req: &WriteRequest, epoch: &str, first_seq: u64) -> Option<Batch> {
     }
 }
 
-fn size_of(req: &WriteRequest) -> (usize, usize) {
+pub(super) fn size_of(req: &WriteRequest) -> (usize, usize) {
     match &req.op {
         WriteOp::Append(events) => (events.len(), events.iter().map(|e| e.data.len()).sum()),
         WriteOp::End { data, .. } => (1, data.len()),
