@@ -78,9 +78,14 @@ impl Server {
         let (tx, rx) = std::sync::mpsc::channel();
         let log = Arc::new(Mutex::new(VecDeque::new()));
         let keep = log.clone();
+        // JOBCAST_TEST_ECHO=1 echoes every server's log (to debug a test).
+        let echo = std::env::var_os("JOBCAST_TEST_ECHO").is_some();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("[jobcast {}] {line}", std::process::id());
+                }
                 {
                     let mut keep = keep.lock().unwrap();
                     if keep.len() == LOG_LINES {

@@ -84,6 +84,9 @@ pub struct Watcher {
 
 /// The longest the tests wait for one SSE frame (heartbeats arrive well within).
 pub const FRAME: Duration = Duration::from_secs(60);
+/// The longest one [`Watcher::read`] may take in all (heartbeats alone do
+/// not keep it going).
+pub const READ: Duration = Duration::from_secs(120);
 
 impl Watcher {
     pub fn new(stream: &str) -> Watcher {
@@ -129,11 +132,21 @@ impl Watcher {
 
     /// Reads `sse` until the end, an error, a cut, or (when `until` is given)
     /// until that many log events were received in all (then None).
+    /// Panics after [`READ`] in all.
     pub async fn read(&mut self, sse: &mut Sse, until: Option<usize>) -> Option<Close> {
+        let deadline = tokio::time::Instant::now() + READ;
         loop {
             if until.is_some_and(|n| self.events.len() >= n) {
                 return None;
             }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: waited {READ:?} for {until:?} events; have {} (last {:?}), errors {:?}",
+                self.stream,
+                self.events.len(),
+                self.last_id,
+                self.errors
+            );
             let frame = match sse.next_frame(FRAME).await {
                 Some(f) => f,
                 None => return Some(Close::Cut("the response ended".into())),
