@@ -17,3 +17,12 @@ export {
 } from './machine.js';
 export { backoff, parseRetryAfter, parseHttpDate, BASE_MS, MAX_MS, MAX_FLOOR_MS } from './backoff.js';
 export { jobStreamStore } from './store.js';
+
+/** @typedef {import('./machine.js').JobEvent} JobEvent */
+/** @typedef {import('./machine.js').EndInfo} EndInfo */
+/** @typedef {import('./machine.js').ResetInfo} ResetInfo */
+/** @typedef {import('./machine.js').From} From */
+/** @typedef {import('./watch.js').ConnectionState} ConnectionState */
+/** @typedef {import('./watch.js').WatchOptions} WatchOptions */
+/** @typedef {import('./watch.js').WatchHandlers} WatchHandlers */
+/** @typedef {import('./store.js').JobStreamSnapshot} JobStreamSnapshot */
