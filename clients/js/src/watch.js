@@ -145,6 +145,7 @@ export class Watch {
   async run() {
     // Let the caller keep the returned object before the first callback.
     await Promise.resolve();
+    if (this.machine.current() !== 'closed') this.call(this.handlers.onState, this.state);
     for (;;) {
       this.flush();
       const m = this.machine;
@@ -221,6 +222,7 @@ export class Watch {
     const prev = this.state;
     if (prev.status === 'closed') return;
     if (prev.status === 'open' && s.status === 'open' && prev.transport === s.transport) return;
+    if (prev.status === 'connecting' && s.status === 'connecting' && prev.attempt === s.attempt && prev.transport === s.transport) return;
     this.state = s;
     this.call(this.handlers.onState, s);
   }
