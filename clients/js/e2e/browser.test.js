@@ -38,10 +38,11 @@ after(async () => {
  * Saves a screenshot and prints its path.
  * @param {import('playwright-core').Page} page
  * @param {string} name
+ * @param {boolean} [fullPage] the whole page, not only the viewport
  */
-async function shot(page, name) {
+async function shot(page, name, fullPage = true) {
   const file = path.join(ARTIFACTS, `${name}.png`);
-  await page.screenshot({ path: file, fullPage: true });
+  await page.screenshot({ path: file, fullPage });
   console.log(`screenshot: ${file}`);
 }
 
@@ -115,6 +116,9 @@ test('dashboard: every event exactly once across a server restart, then the end;
       if (i === total / 2) {
         await until(async () => (await page.locator('#events li').count()) === i, 10_000, `${i} cards before the restart`);
         await server.restart();
+      } else if (i === total / 2 + 5) {
+        await until(async () => (await page.locator('#events li').count()) === i, 10_000, `${i} cards after the restart`);
+        await shot(page, 'dashboard-stream-live', false);
       } else {
         await sleep(20);
       }
@@ -131,7 +135,7 @@ test('dashboard: every event exactly once across a server restart, then the end;
     assert.equal(await page.locator('#events li').first().locator('pre').textContent(), '{\n  "n": 1\n}');
     await shot(page, 'dashboard-stream-desktop');
     await page.setViewportSize({ width: 390, height: 844 });
-    await shot(page, 'dashboard-stream-phone');
+    await shot(page, 'dashboard-stream-phone', false);
 
     // The list: the stream with its state and event count (31: the end counts).
     await page.goto(`${server.url}/#/`);
