@@ -14,10 +14,12 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 pub mod config;
 pub mod http;
 pub mod hub;
 mod lean;
+mod limits;
 pub mod metrics;
 pub mod server;
 pub mod store;
@@ -27,6 +29,7 @@ pub mod watch;
 use std::future::Future;
 use std::sync::Arc;
 
+pub use auth::{Auth, KeyAlg};
 pub use config::{Config, SyncMode};
 pub use store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
