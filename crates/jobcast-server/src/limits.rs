@@ -17,10 +17,11 @@ use tokio::net::TcpStream;
 /// Most refusals being written at once; past it, sockets are just closed
 /// (a flood must not turn the polite answers into the resource it exhausts).
 const MAX_REFUSING: usize = 256;
-/// A refusal's whole life: write the answer, read what the client sent.
+/// A refusal's whole life: read the request head, answer, read what else comes.
 const REFUSAL_TIME: Duration = Duration::from_secs(2);
-/// Bytes of the client's request read (and dropped) before closing, so the
-/// close is a FIN and not a reset that could destroy the answer in flight.
+/// Bytes of the client's request read (and dropped): the head before
+/// answering, the rest before closing, so the close is a FIN and not a reset
+/// that could destroy the answer in flight.
 const REFUSAL_DRAIN: usize = 64 * 1024;
 
 const SERVER_FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
@@ -128,10 +129,25 @@ impl Limiter {
                 Refusal::PerIp => IP_FULL,
             };
             let _ = tokio::time::timeout(REFUSAL_TIME, async {
+                // Wait for the request head (scanned for its blank line, not
+                // parsed): an answer sent before the request is one a client
+                // may drop as unsolicited.
+                let mut buf = [0u8; 1024];
+                let mut tail = [0u8; 4];
+                let mut read = 0;
+                while read < REFUSAL_DRAIN {
+                    let n = sock.read(&mut buf).await?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    read += n;
+                    if head_ended(&mut tail, &buf[..n]) {
+                        break;
+                    }
+                }
                 sock.write_all(answer).await?;
                 sock.shutdown().await?;
-                let mut buf = [0u8; 1024];
-                let mut read = 0;
+                // Read what else comes (a body), so the close is a FIN.
                 while read < REFUSAL_DRAIN {
                     match sock.read(&mut buf).await? {
                         0 => break,
@@ -163,6 +179,19 @@ impl Drop for Slot {
     }
 }
 
+/// Feeds `bytes` through a window of the last four bytes; true once a
+/// blank line (`\r\n\r\n` or `\n\n`) went by.
+fn head_ended(tail: &mut [u8; 4], bytes: &[u8]) -> bool {
+    for &b in bytes {
+        tail.copy_within(1.., 0);
+        tail[3] = b;
+        if tail == b"\r\n\r\n" || tail[2..] == *b"\n\n" {
+            return true;
+        }
+    }
+    false
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding this lock leaves only counts behind: keep going.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -187,6 +216,16 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(body).unwrap();
             assert!(v["error"]["code"].is_string());
         }
+    }
+
+    #[test]
+    fn head_end_is_found_across_reads() {
+        let mut t = [0u8; 4];
+        assert!(!head_ended(&mut t, b"GET / HTTP/1.1\r\nHost: x\r"));
+        assert!(!head_ended(&mut t, b"\n"));
+        assert!(head_ended(&mut t, b"\r\n"));
+        let mut t = [0u8; 4];
+        assert!(head_ended(&mut t, b"GET / HTTP/1.0\n\n"));
     }
 
     #[test]
