@@ -34,6 +34,13 @@ pub use config::{Config, SyncMode};
 pub use store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
+/// Whether the lean path would serve `head` (a request head as read from a
+/// socket) as an SSE watch. For the fuzz targets: the lean parser stays private.
+#[doc(hidden)]
+pub fn lean_head_is_watch(head: &[u8]) -> bool {
+    lean::is_watch(head)
+}
+
 /// A jobcast server: its store, hub and configuration, ready to serve.
 #[derive(Debug, Clone)]
 pub struct Jobcast {
