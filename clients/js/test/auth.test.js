@@ -1,22 +1,12 @@
 // 401 stops; a token (string or async function) goes out as
-// `Authorization: Bearer`. Needs `jobcast serve --jwt-secret` (the auth
-// work): skipped, saying so, while the binary does not have that flag.
+// `Authorization: Bearer`, against `jobcast serve --jwt-secret`.
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 import { watch } from '../src/index.js';
 import { BIN, record, startServer } from './support.js';
 
 const SECRET = 'test-secret-for-jobcast-js';
-const hasJwt = (() => {
-  try {
-    return execFileSync(BIN, ['serve', '--help'], { encoding: 'utf8' }).includes('--jwt-secret');
-  } catch {
-    return false;
-  }
-})();
-
 /** @param {unknown} v */
 const b64url = (v) => Buffer.from(typeof v === 'string' ? v : JSON.stringify(v)).toString('base64url');
 
@@ -32,7 +22,7 @@ export function jwt(secret, grants = { publish: ['*'], subscribe: ['*'] }) {
   return `${head}.${body}.${sig}`;
 }
 
-describe('auth', { skip: hasJwt ? false : 'this jobcast binary has no --jwt-secret yet (the auth branch adds it)' }, () => {
+describe('auth', () => {
   /** @type {Awaited<ReturnType<typeof startServer>>} */
   let server;
   before(async () => {
