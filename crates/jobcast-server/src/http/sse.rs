@@ -448,10 +448,21 @@ impl Watcher {
         }
     }
 
+    /// Whether the stream still has this epoch. A change may also mean
+    /// events the ring never got (another node's, seen after a lost
+    /// wake-up): the head read here makes the cursor fetch them.
     async fn same_epoch(&mut self, epoch: &str) -> Result<bool, StoreError> {
         let meta = self.state.store.meta(&self.stream).await?;
         self.store_ok();
-        Ok(meta.is_some_and(|m| m.epoch == epoch))
+        match meta {
+            Some(m) if m.epoch == epoch => {
+                if let Some(c) = self.cursor.as_mut() {
+                    c.known_head = c.known_head.max(m.head);
+                }
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Reads the next page after the cursor from the store (None: nothing newer; wait).
