@@ -60,6 +60,22 @@ pub struct Config {
     pub lean_sse: bool,
     /// PostgreSQL connections per node for reads and writes (plus one listener).
     pub pg_pool_size: u32,
+    /// How tokens are verified; None: no authentication (only sensible on
+    /// a loopback address — the binary refuses anything else without
+    /// `--insecure-no-auth`).
+    pub auth: Option<crate::auth::Auth>,
+    /// The cookie a browser may carry its token in (reading only).
+    pub auth_cookie: String,
+    /// Origins whose pages may call the API (CORS); `*` means any origin,
+    /// without credentials. Empty: no CORS headers.
+    pub cors_origins: Vec<String>,
+    /// Most connections open at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Most connections open at once from one IP address (None: no limit);
+    /// more are answered 429 and closed.
+    pub max_connections_per_ip: Option<usize>,
+    /// Most SSE watchers of one stream on this node; more are answered 503.
+    pub max_watchers_per_stream: usize,
 }
 
 impl Default for Config {
@@ -87,6 +103,12 @@ impl Default for Config {
             busy_timeout: Duration::from_secs(5),
             lean_sse: true,
             pg_pool_size: 16,
+            auth: None,
+            auth_cookie: "jobcast_token".into(),
+            cors_origins: Vec::new(),
+            max_connections: 16_384,
+            max_connections_per_ip: None,
+            max_watchers_per_stream: 10_000,
         }
     }
 }

@@ -65,6 +65,11 @@ pub(crate) async fn read_head(sock: &mut WriteTimeout<TcpStream>, timeout: Durat
     }
 }
 
+/// Whether `buf` is a complete watch request head (for the fuzz target).
+pub(crate) fn is_watch(buf: &[u8]) -> bool {
+    matches!(parse(buf), Parsed::Watch(_))
+}
+
 enum Parsed {
     Partial,
     Other,

@@ -14,10 +14,12 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 pub mod config;
 pub mod http;
 pub mod hub;
 mod lean;
+mod limits;
 pub mod metrics;
 pub mod server;
 pub mod store;
@@ -27,9 +29,17 @@ pub mod watch;
 use std::future::Future;
 use std::sync::Arc;
 
+pub use auth::{Auth, KeyAlg};
 pub use config::{Config, SyncMode};
 pub use store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
+
+/// Whether the lean path would serve `head` (a request head as read from a
+/// socket) as an SSE watch. For the fuzz targets: the lean parser stays private.
+#[doc(hidden)]
+pub fn lean_head_is_watch(head: &[u8]) -> bool {
+    lean::is_watch(head)
+}
 
 /// A jobcast server: its store, hub and configuration, ready to serve.
 #[derive(Debug, Clone)]

@@ -29,6 +29,8 @@ pub enum CloseReason {
     StoreUnavailable,
     /// The watcher fell behind retention.
     Lagged,
+    /// The watcher's token expired.
+    TokenExpired,
 }
 
 impl CloseReason {
@@ -42,6 +44,7 @@ impl CloseReason {
             CloseReason::NotFound => "not_found",
             CloseReason::StoreUnavailable => "store_unavailable",
             CloseReason::Lagged => "lagged",
+            CloseReason::TokenExpired => "token_expired",
         }
     }
 }
@@ -88,6 +91,7 @@ struct Inner {
     resumes: Family<Outcome, Counter>,
     store_errors: Counter,
     write_timeouts: Counter,
+    refused: Family<Reason, Counter>,
     append_seconds: Histogram,
     publish_to_write_seconds: Histogram,
 }
@@ -112,6 +116,7 @@ impl Metrics {
         let resumes = Family::<Outcome, Counter>::default();
         let store_errors = Counter::default();
         let write_timeouts = Counter::default();
+        let refused = Family::<Reason, Counter>::default();
         // 50 µs .. ~26 s
         let append_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 20));
         let publish_to_write_seconds = Histogram::new(exponential_buckets(0.000_01, 2.0, 22));
@@ -158,6 +163,11 @@ impl Metrics {
             write_timeouts.clone(),
         );
         registry.register(
+            "connections_refused",
+            "Connections answered 503/429 and closed at a connection limit, by limit",
+            refused.clone(),
+        );
+        registry.register(
             "append_duration_seconds",
             "Time from receiving an append to its commit",
             append_seconds.clone(),
@@ -180,6 +190,7 @@ impl Metrics {
                 resumes,
                 store_errors,
                 write_timeouts,
+                refused,
                 append_seconds,
                 publish_to_write_seconds,
             }),
@@ -192,6 +203,14 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
         out
+    }
+
+    /// A connection was refused at a limit (`server` or `per_ip`).
+    pub fn connection_refused(&self, limit: &'static str) {
+        self.inner
+            .refused
+            .get_or_create(&Reason { reason: limit })
+            .inc();
     }
 
     /// A watch connection opened.

@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::http::AppState;
 use crate::lean::{self, Head, Rewind};
+use crate::limits::{Limiter, Refusal};
 
 /// A client must send its request head within this time.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,6 +38,10 @@ pub async fn serve(
     let token = state.shutdown.clone();
     let write_timeout = state.config.write_timeout;
     let grace = state.config.shutdown_grace;
+    let limiter = Limiter::new(
+        state.config.max_connections,
+        state.config.max_connections_per_ip,
+    );
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (sock, peer) = tokio::select! {
@@ -52,6 +57,20 @@ pub async fn serve(
             _ = &mut shutdown => break,
             _ = token.cancelled() => break,
         };
+        // Limits first, before a byte is read: a refused connection costs a
+        // fixed answer and nothing else.
+        let slot = match limiter.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                tracing::debug!(%peer, ?why, open = limiter.open(), "connection refused at a limit");
+                state.metrics.connection_refused(match why {
+                    Refusal::Server => "server",
+                    Refusal::PerIp => "per_ip",
+                });
+                limiter.refuse(sock, why);
+                continue;
+            }
+        };
         if let Err(e) = sock.set_nodelay(true) {
             tracing::debug!(error = %e, %peer, "set_nodelay failed");
         }
@@ -62,6 +81,8 @@ pub async fn serve(
         let router = router.clone();
         // One task per connection; it ends with the connection or at shutdown.
         conns.spawn(async move {
+            // Given back when this task ends, however it ends.
+            let _slot = slot;
             let mut sock = WriteTimeout::new(sock, write_timeout, metrics);
             let prefix = if lean_sse {
                 let head = tokio::select! {

@@ -51,6 +51,10 @@ async fn heartbeats_come_exactly_every_interval_when_idle() {
     c.heartbeat = Duration::from_secs(15);
     let (_server, mut body, _d) = live_watcher(c).await;
     tokio::time::pause();
+    // The first heartbeat was armed in real time before the pause (a few ms
+    // of setup may have passed); every later one is armed on the paused clock.
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.data_ref().unwrap().as_ref(), b":\n");
     for _ in 0..5 {
         let t0 = Instant::now();
         let frame = body.frame().await.unwrap().unwrap();

@@ -796,3 +796,29 @@ async fn client_that_went_away_is_noticed_by_heartbeats() {
         1.0
     );
 }
+
+/// Automatic checkpoints are off on the writer's connection (no commit pays
+/// for one); the checkpointer thread copies the WAL into the database file.
+#[tokio::test]
+async fn the_wal_is_checkpointed_off_the_commit_path() {
+    let server = TestServer::start().await;
+    let db = server.dir.path().join("jobcast.db");
+    let before = std::fs::metadata(&db).unwrap().len();
+    let data: Vec<String> = (0..200).map(|i| format!("{i:0>500}")).collect();
+    for _ in 0..10 {
+        server.append_batch("wal", &data).await;
+    }
+    // ~1 MB of events: the database file grows only by checkpoints.
+    let mut grown = 0;
+    for _ in 0..200 {
+        grown = std::fs::metadata(&db).unwrap().len();
+        if grown > before + 500_000 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(
+        grown > before + 500_000,
+        "the database file did not grow ({before} -> {grown}): the WAL is not checkpointed"
+    );
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use jobcast_server::{Config, Jobcast, SyncMode};
+use jobcast_server::{Auth, Config, Jobcast, KeyAlg, SyncMode};
 
 /// jobcast: the event log of long-running jobs, streamed to every watcher over SSE.
 #[derive(Debug, Parser)]
@@ -40,6 +40,52 @@ enum Sync {
 
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
+}
+
+/// A secret from the command line or the environment: never printed.
+#[derive(Clone)]
+struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+fn secret(s: &str) -> Result<Secret, String> {
+    if s.is_empty() {
+        return Err("the secret is empty".into());
+    }
+    Ok(Secret(s.to_owned()))
+}
+
+/// The algorithm of `--jwt-public-key`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum JwtAlg {
+    /// Ed25519 (EdDSA).
+    Eddsa,
+    /// RSA with SHA-256 (RS256).
+    Rs256,
+}
+
+/// An origin as browsers send it: `scheme://host[:port]`, or `*`.
+fn origin(s: &str) -> Result<String, String> {
+    let s = s.trim().trim_end_matches('/');
+    let ok = s == "*"
+        || s.split_once("://").is_some_and(|(scheme, host)| {
+            !scheme.is_empty() && !host.is_empty() && !host.contains('/') && http_header_safe(s)
+        });
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not an origin like https://app.example.com or *"
+        ))
+    }
+}
+
+fn http_header_safe(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_graphic())
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +133,43 @@ struct ServeArgs {
     /// PostgreSQL connections per node for reads and writes (plus one listener).
     #[arg(long, env = "JOBCAST_PG_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..))]
     pg_pool_size: u32,
+    /// Largest request body, in bytes.
+    #[arg(long, env = "JOBCAST_MAX_BODY_BYTES", default_value_t = 16 << 20, value_parser = clap::value_parser!(usize))]
+    max_body_bytes: usize,
+    /// Most events in one append.
+    #[arg(long, env = "JOBCAST_MAX_BATCH", default_value_t = 1000)]
+    max_batch: usize,
+    /// Most connections open at once (more get 503); lowered to fit the open-files limit.
+    #[arg(long, env = "JOBCAST_MAX_CONNECTIONS", default_value_t = 16_384)]
+    max_connections: usize,
+    /// Most connections open at once from one IP address (more get 429; default: no limit).
+    #[arg(long, env = "JOBCAST_MAX_CONNECTIONS_PER_IP")]
+    max_connections_per_ip: Option<usize>,
+    /// Most SSE watchers of one stream (more get 503).
+    #[arg(
+        long,
+        env = "JOBCAST_MAX_WATCHERS_PER_STREAM",
+        default_value_t = 10_000
+    )]
+    max_watchers_per_stream: usize,
+    /// Verify HS256 tokens with this secret (prefer the environment variable).
+    #[arg(long, env = "JOBCAST_JWT_SECRET", hide_env_values = true, value_parser = secret, conflicts_with = "jwt_public_key")]
+    jwt_secret: Option<Secret>,
+    /// Verify tokens with this PEM public key (Ed25519: EdDSA, RSA: RS256).
+    #[arg(long, env = "JOBCAST_JWT_PUBLIC_KEY", value_name = "FILE")]
+    jwt_public_key: Option<std::path::PathBuf>,
+    /// The algorithm of --jwt-public-key (default: from the key's type; never from a token).
+    #[arg(long, env = "JOBCAST_JWT_ALG", value_enum, requires = "jwt_public_key")]
+    jwt_alg: Option<JwtAlg>,
+    /// Clock skew tolerated on a token's exp and nbf.
+    #[arg(long, env = "JOBCAST_JWT_LEEWAY", default_value = "5s", value_parser = duration)]
+    jwt_leeway: Duration,
+    /// The cookie a browser may carry its token in (grants reading only).
+    #[arg(long, env = "JOBCAST_AUTH_COOKIE", default_value = "jobcast_token")]
+    auth_cookie: String,
+    /// An origin whose pages may call the API (CORS); repeat it, or `*` for any (no cookies).
+    #[arg(long, env = "JOBCAST_CORS_ORIGIN", value_delimiter = ',', value_parser = origin)]
+    cors_origin: Vec<String>,
     /// Serve without authentication on a non-loopback address (anyone who
     /// can reach it may publish, delete and watch every stream).
     #[arg(long, env = "JOBCAST_INSECURE_NO_AUTH")]
@@ -124,15 +207,35 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if args.max_event_bytes == 0 {
         bail!("--max-event-bytes must be at least 1");
     }
+    if args.max_batch == 0 || args.max_body_bytes == 0 {
+        bail!("--max-batch and --max-body-bytes must be at least 1");
+    }
+    let auth = match (&args.jwt_secret, &args.jwt_public_key) {
+        (Some(s), _) => Some(Auth::hs256(&s.0).context("--jwt-secret")?),
+        (None, Some(path)) => {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("reading --jwt-public-key {}", path.display()))?;
+            let alg = args.jwt_alg.map(|a| match a {
+                JwtAlg::Eddsa => KeyAlg::EdDsa,
+                JwtAlg::Rs256 => KeyAlg::Rs256,
+            });
+            Some(
+                Auth::public_key_pem(&pem, alg)
+                    .with_context(|| format!("--jwt-public-key {}", path.display()))?,
+            )
+        }
+        (None, None) => None,
+    }
+    .map(|a| a.with_leeway(args.jwt_leeway));
     // Safe default: without authentication, only this machine may connect.
-    if !args.listen.ip().is_loopback() && !args.insecure_no_auth {
+    if auth.is_none() && !args.listen.ip().is_loopback() && !args.insecure_no_auth {
         bail!(
             "refusing to listen on {} without authentication: bind a loopback address, \
              or pass --insecure-no-auth to let anyone who can reach it publish and watch",
             args.listen
         );
     }
-    if args.insecure_no_auth && !args.listen.ip().is_loopback() {
+    if auth.is_none() && args.insecure_no_auth && !args.listen.ip().is_loopback() {
         tracing::warn!(addr = %args.listen, "serving without authentication on a non-loopback address");
     }
     let config = Config {
@@ -152,8 +255,20 @@ async fn serve(args: ServeArgs) -> Result<()> {
         store_retry_limit: args.store_retry_limit,
         shutdown_grace: args.shutdown_grace,
         pg_pool_size: args.pg_pool_size,
+        max_body_bytes: args.max_body_bytes,
+        max_batch: args.max_batch,
+        max_connections: fit_open_files(args.max_connections),
+        max_connections_per_ip: args.max_connections_per_ip,
+        max_watchers_per_stream: args.max_watchers_per_stream,
+        auth,
+        auth_cookie: args.auth_cookie.clone(),
+        cors_origins: args.cors_origin.clone(),
         ..Config::default()
     };
+    match &config.auth {
+        Some(a) => tracing::info!(alg = ?a.algorithm(), "authentication on"),
+        None => tracing::info!("authentication off"),
+    }
     let server = Jobcast::open(config)
         .await
         .with_context(|| format!("opening the store {}", args.db))?;
@@ -163,6 +278,32 @@ async fn serve(args: ServeArgs) -> Result<()> {
     server.serve(listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Raises the soft open-files limit to the hard one and keeps the connection
+/// limit below it, so that a flood of connections is answered 503 instead of
+/// exhausting file descriptors (the store and the listener need some too).
+fn fit_open_files(max_connections: usize) -> usize {
+    /// Descriptors kept for the store, the listener and the 503 answers.
+    const RESERVE: u64 = 128;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(soft) => {
+            let fits = soft.saturating_sub(RESERVE).max(1);
+            let max = (max_connections as u64).min(fits) as usize;
+            if max < max_connections {
+                tracing::info!(
+                    open_files = soft,
+                    max_connections = max,
+                    "--max-connections lowered to fit the open-files limit"
+                );
+            }
+            max
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-files limit");
+            max_connections
+        }
+    }
 }
 
 /// Binds with a listen backlog large enough for a reconnect storm of

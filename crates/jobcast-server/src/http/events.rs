@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::response::Response;
+use axum::Extension;
 use http::{HeaderMap, StatusCode};
 use jobcast_protocol::{EventId, ResetPayload};
 use tokio::time::Instant;
@@ -16,6 +17,7 @@ use super::{
     json_response, param, params, sse, stream_id, to_json, wants_sse, ApiError, AppState, Params,
     RawBody,
 };
+use crate::auth::Grant;
 use crate::store::{append_response_body, WriteOp, WriteOutcome, WriteRequest};
 use crate::watch::{self, Resume};
 
@@ -63,11 +65,19 @@ pub(super) async fn append(
 pub(super) async fn read(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    grant: Option<Extension<Grant>>,
     headers: HeaderMap,
     q: Params,
 ) -> Result<Response, ApiError> {
     let id = stream_id(&id)?;
     let q = params(q)?;
+    // No response outlives its authorization: SSE closes with `token_expired`
+    // and a long-poll answers at the token's expiry.
+    let expires = grant
+        .map(|Extension(g)| g)
+        .unwrap_or_else(Grant::none)
+        .remaining()
+        .map(|left| Instant::now() + left);
     if wants_sse(&headers) {
         let last_event_id = headers
             .get("last-event-id")
@@ -75,9 +85,9 @@ pub(super) async fn read(
             .filter(|v| !v.is_empty());
         let resume = resume(last_event_id.or(param(&q, "last_event_id")), &q)?;
         let wait = wait(&q, state.config.default_wait, state.config.max_wait)?;
-        return sse::watch(state, id.to_owned(), resume, wait).await;
+        return sse::watch(state, id.to_owned(), resume, wait, expires).await;
     }
-    page(state, id, &q).await
+    page(state, id, &q, expires).await
 }
 
 /// The resume point: an explicit id, else `from=start|live`, else the start.
@@ -122,6 +132,7 @@ async fn page(
     state: AppState,
     id: &str,
     q: &HashMap<String, String>,
+    expires: Option<Instant>,
 ) -> Result<Response, ApiError> {
     let resume = resume(param(q, "after"), q)?;
     let limit = match param(q, "limit") {
@@ -133,7 +144,10 @@ async fn page(
             .ok_or_else(|| ApiError::bad_request("invalid_limit", "limit is 1..1000"))?,
     };
     let wait = wait(q, Duration::ZERO, state.config.max_wait)?;
-    let deadline = Instant::now() + wait;
+    let mut deadline = Instant::now() + wait;
+    if let Some(expires) = expires {
+        deadline = deadline.min(expires);
+    }
     // Subscribe before reading, so an append between the read and the wait wakes us.
     let sub = (!wait.is_zero()).then(|| state.hub.subscribe(id));
     let mut start: Option<watch::Start> = None;

@@ -1,10 +1,12 @@
 //! The HTTP API (v1): one module per resource, built into one [`Router`].
 
+mod cors;
 mod error;
 mod events;
 pub mod input;
 mod sse;
 mod streams;
+mod ui;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,7 +41,7 @@ pub struct AppState {
 
 /// The router of the whole API.
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/v1/streams", get(streams::list))
         .route(
             "/v1/streams/{id}",
@@ -56,11 +58,24 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/", get(ui::index))
+        .route("/ui/{*path}", get(ui::asset))
+        // After routing, so the guard sees the route and the decoded stream id;
+        // before any body is read, so a stranger's body is never buffered.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::guard,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // RawBody enforces the configured limit with a JSON error instead.
-        .layer(axum::extract::DefaultBodyLimit::disable())
-        .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    // Outermost, so that preflights and every answer (401s too) carry CORS headers.
+    let router = match cors::layer(&state.config.cors_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router.with_state(state)
 }
 
 /// A request body read whole, up to `--max-body-bytes` (else 413 `body_too_large`).

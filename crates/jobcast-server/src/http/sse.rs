@@ -26,10 +26,26 @@ pub(super) async fn watch(
     stream: String,
     resume: Resume,
     wait: Duration,
+    expires: Option<Instant>,
 ) -> Result<Response, ApiError> {
     // The cursor on the hub exists before the store is read: nothing
     // committed in between can be missed.
     let sub = state.hub.subscribe(&stream);
+    // Counted with this one, after subscribing: concurrent watchers cannot
+    // all slip under the limit.
+    let max = state.config.max_watchers_per_stream;
+    if state.hub.watchers_of(&stream) > max {
+        return Err(ApiError {
+            retry_after: Some(5),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_watchers",
+                format!(
+                    "this stream has {max} watchers on this node, the most allowed; retry later"
+                ),
+            )
+        });
+    }
     let meta = state.store.meta(&stream).await?;
     if meta.as_ref().is_some_and(|m| watch::at_end(m, &resume)) {
         state.metrics.resume(ResumeOutcome::NoContent);
@@ -47,6 +63,8 @@ pub(super) async fn watch(
     let mut w = Watcher {
         heartbeat_at: now + state.config.heartbeat,
         close_at: now + (max - jitter),
+        // Far enough to never come when auth is off (and within Instant's range).
+        expires_at: expires.unwrap_or(now + Duration::from_secs(100 * 365 * 86_400)),
         wait_until: now + wait,
         timer: Box::pin(tokio::time::sleep_until(now + state.config.heartbeat)),
         stream,
@@ -103,6 +121,8 @@ struct Watcher {
     cursor: Option<Cursor>,
     heartbeat_at: Instant,
     close_at: Instant,
+    /// When the token ends: the watcher closes with `token_expired`.
+    expires_at: Instant,
     wait_until: Instant,
     /// One timer per watcher, armed at the earliest deadline and re-armed
     /// only when it fires early: never reset per event.
@@ -283,6 +303,21 @@ impl Watcher {
         if self.state.hub.is_closed() {
             return self.shutting_down();
         }
+        if Instant::now() >= self.expires_at {
+            return Step::Close(
+                Some(control(
+                    ERROR_EVENT,
+                    &ErrorPayload {
+                        code: "token_expired".into(),
+                        message: "the token expired; reconnect with a fresh token to resume".into(),
+                        retryable: false,
+                        retry_after_ms: None,
+                        refresh: Some(true),
+                    },
+                )),
+                CloseReason::TokenExpired,
+            );
+        }
         if Instant::now() >= self.close_at {
             // Maximum duration: end cleanly; the client resumes with Last-Event-ID.
             return Step::Close(None, CloseReason::MaxDuration);
@@ -311,7 +346,7 @@ impl Watcher {
         }
         // Wait for a publish (or the hub closing at shutdown), a heartbeat,
         // the end of the wait for creation, or the maximum duration.
-        let mut wake = self.heartbeat_at.min(self.close_at);
+        let mut wake = self.heartbeat_at.min(self.close_at).min(self.expires_at);
         if self.cursor.is_none() {
             wake = wake.min(self.wait_until);
         }
@@ -413,10 +448,21 @@ impl Watcher {
         }
     }
 
+    /// Whether the stream still has this epoch. A change may also mean
+    /// events the ring never got (another node's, seen after a lost
+    /// wake-up): the head read here makes the cursor fetch them.
     async fn same_epoch(&mut self, epoch: &str) -> Result<bool, StoreError> {
         let meta = self.state.store.meta(&self.stream).await?;
         self.store_ok();
-        Ok(meta.is_some_and(|m| m.epoch == epoch))
+        match meta {
+            Some(m) if m.epoch == epoch => {
+                if let Some(c) = self.cursor.as_mut() {
+                    c.known_head = c.known_head.max(m.head);
+                }
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Reads the next page after the cursor from the store (None: nothing newer; wait).
@@ -478,6 +524,7 @@ mod size_tests {
         let mut w = Watcher {
             heartbeat_at: now,
             close_at: now,
+            expires_at: now,
             wait_until: now,
             timer: Box::pin(tokio::time::sleep_until(now)),
             stream: "s".into(),

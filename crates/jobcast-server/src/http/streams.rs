@@ -2,6 +2,7 @@
 
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use jobcast_protocol::StreamState;
 
@@ -9,6 +10,7 @@ use super::input::{self, Limits};
 use super::{
     json_response, param, params, stream_id, to_json, ApiError, AppState, Params, RawBody,
 };
+use crate::auth::Grant;
 use crate::store::{ListQuery, Refusal, StreamMeta, WriteOp, WriteOutcome, WriteRequest};
 
 fn meta_response(state: &AppState, status: StatusCode, meta: &StreamMeta) -> Response {
@@ -147,8 +149,20 @@ async fn end(
     }
 }
 
-/// `GET /v1/streams?state=&limit=&after=`: newest created first.
-pub(super) async fn list(State(state): State<AppState>, q: Params) -> Result<Response, ApiError> {
+/// Rows looked at per store page when the list is filtered by a token.
+const FILTER_PAGE: u32 = 500;
+/// Store pages looked at for one filtered list answer: a token that sees few
+/// of many streams gets shorter pages (with a `next`), never an unbounded scan.
+const FILTER_PAGES: usize = 8;
+
+/// `GET /v1/streams?state=&limit=&after=`: newest created first, only the
+/// streams the token may subscribe to.
+pub(super) async fn list(
+    State(state): State<AppState>,
+    grant: Option<Extension<Grant>>,
+    q: Params,
+) -> Result<Response, ApiError> {
+    let grant = grant.map(|Extension(g)| g).unwrap_or_else(Grant::none);
     let q = params(q)?;
     let filter = match param(&q, "state") {
         None => None,
@@ -173,18 +187,23 @@ pub(super) async fn list(State(state): State<AppState>, q: Params) -> Result<Res
             )
         })?),
     };
-    let query = ListQuery {
-        state: filter,
-        limit: limit + 1,
-        before_key,
-    };
-    let mut rows = state.store.list(&query).await?;
-    let more = rows.len() > limit as usize;
-    rows.truncate(limit as usize);
-    let next = if more {
-        rows.last().map(|m| m.key.to_string())
+    let (rows, next) = if grant == Grant::all() {
+        let query = ListQuery {
+            state: filter,
+            limit: limit + 1,
+            before_key,
+        };
+        let mut rows = state.store.list(&query).await?;
+        let more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        let next = if more {
+            rows.last().map(|m| m.key.to_string())
+        } else {
+            None
+        };
+        (rows, next)
     } else {
-        None
+        filtered(&state, &grant, filter, limit as usize, before_key).await?
     };
     let streams: Vec<_> = rows
         .iter()
@@ -194,6 +213,41 @@ pub(super) async fn list(State(state): State<AppState>, q: Params) -> Result<Res
         StatusCode::OK,
         to_json(&serde_json::json!({ "streams": streams, "next": next })),
     ))
+}
+
+/// The list filtered by `grant`, looking at a bounded number of store pages;
+/// `next` continues after the last row looked at.
+async fn filtered(
+    state: &AppState,
+    grant: &Grant,
+    filter: Option<StreamState>,
+    limit: usize,
+    mut before_key: Option<i64>,
+) -> Result<(Vec<StreamMeta>, Option<String>), ApiError> {
+    let mut out = Vec::new();
+    for _ in 0..FILTER_PAGES {
+        let query = ListQuery {
+            state: filter,
+            limit: FILTER_PAGE,
+            before_key,
+        };
+        let rows = state.store.list(&query).await?;
+        let exhausted = rows.len() < FILTER_PAGE as usize;
+        for m in rows {
+            before_key = Some(m.key);
+            if grant.may_subscribe(&m.id) {
+                out.push(m);
+                if out.len() == limit {
+                    // Full: whether more follow is found out by the next page.
+                    return Ok((out, before_key.map(|k| k.to_string())));
+                }
+            }
+        }
+        if exhausted {
+            return Ok((out, None));
+        }
+    }
+    Ok((out, before_key.map(|k| k.to_string())))
 }
 
 /// A write answered with an outcome that does not fit its request: a bug,

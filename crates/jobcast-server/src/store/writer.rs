@@ -31,6 +31,12 @@ pub(super) const PURGE_CHUNK: i64 = 5000;
 /// Pause between purge steps, so purging never hogs the writer.
 const PURGE_EVERY: Duration = Duration::from_millis(50);
 
+/// How often the checkpointer copies the WAL back into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// WAL frames (pages) past which a checkpoint may briefly block writers to
+/// bound the file (reached only when readers keep old snapshots open).
+const WAL_LIMIT_FRAMES: i64 = 64 * 1024;
+
 /// The answer to one write.
 pub(super) type Reply = oneshot::Sender<Result<WriteOutcome, StoreError>>;
 
@@ -74,6 +80,8 @@ pub(super) struct Writer {
     purge_pending: bool,
     next_sweep: Instant,
     next_purge: Instant,
+    /// Dropped when the writer stops, which stops the checkpointer.
+    checkpointer: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 /// What to tell the hub once the transaction committed.
@@ -128,7 +136,8 @@ impl Writer {
         conn.set_prepared_statement_cache_capacity(64);
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = {}; \
-             PRAGMA journal_size_limit = {}; PRAGMA foreign_keys = OFF;",
+             PRAGMA journal_size_limit = {}; PRAGMA foreign_keys = OFF; \
+             PRAGMA wal_autocheckpoint = 0;",
             if full_sync { "FULL" } else { "NORMAL" },
             64 * 1024 * 1024
         ))
@@ -138,6 +147,7 @@ impl Writer {
             .optional()
             .map_err(unavailable)?
             .is_some();
+        let checkpointer = spawn_checkpointer(path, busy_timeout)?;
         let now = Instant::now();
         Ok(Writer {
             conn,
@@ -146,6 +156,7 @@ impl Writer {
             purge_pending,
             next_sweep: now,
             next_purge: now,
+            checkpointer: Some(checkpointer),
         })
     }
 
@@ -193,6 +204,10 @@ impl Writer {
             if let Cmd::Write(_, reply) = cmd {
                 let _ = reply.send(Err(StoreError::Closed));
             }
+        }
+        if let Some((stop, handle)) = self.checkpointer.take() {
+            drop(stop);
+            let _ = handle.join();
         }
     }
 
@@ -337,6 +352,48 @@ impl Writer {
             Err(e) => tracing::warn!(error = %e, "purging a deleted stream failed; will retry"),
         }
     }
+}
+
+/// Starts the checkpointer: a thread with its own connection that copies the
+/// WAL back into the database every [`CHECKPOINT_EVERY`]. The writer turns
+/// SQLite's automatic checkpoints off, so no commit ever pays for one (they
+/// took milliseconds every few hundred commits: the tail of append latency).
+/// PASSIVE checkpoints never wait for the writer; the WAL is reused from its
+/// start once a checkpoint caught up and no reader needs old frames.
+fn spawn_checkpointer(
+    path: &std::path::Path,
+    busy_timeout: Duration,
+) -> Result<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>), StoreError> {
+    let conn = Connection::open(path).map_err(unavailable)?;
+    conn.busy_timeout(busy_timeout).map_err(unavailable)?;
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let handle = std::thread::Builder::new()
+        .name("jobcast-checkpoint".into())
+        .spawn(move || {
+            // Runs until the writer drops `stop`.
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(CHECKPOINT_EVERY)
+            {
+                if let Err(e) = checkpoint(&conn) {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                }
+            }
+        })
+        .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
+    Ok((stop, handle))
+}
+
+fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
+    let frames = |mode: &str| {
+        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        })
+    };
+    let (log, done) = frames("PASSIVE")?;
+    if log > WAL_LIMIT_FRAMES && done < log {
+        frames("RESTART")?;
+    }
+    Ok(())
 }
 
 /// Encodes a committed request's events for the hub.

@@ -181,7 +181,7 @@ pub struct Sse {
 }
 
 impl Sse {
-    fn new(res: reqwest::Response) -> Sse {
+    pub fn new(res: reqwest::Response) -> Sse {
         Sse {
             status: res.status().as_u16(),
             headers: res.headers().clone(),

@@ -11,6 +11,8 @@ use std::time::Duration;
 pub const DOC_NODES: [&str; 2] = ["jobcast-1:7700", "jobcast-2:7700"];
 /// The listen line of the documented config.
 pub const DOC_LISTEN: &str = "listen 80;";
+/// The log directory of the documented config.
+pub const DOC_LOGS: &str = "/var/log/nginx/";
 
 /// The repository's root.
 pub fn repo() -> PathBuf {
@@ -77,6 +79,8 @@ impl Nginx {
 
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path().display().to_string();
+        assert!(conf.contains(DOC_LOGS), "docs/nginx/jobcast.conf logs to {DOC_LOGS}");
+        conf = conf.replace(DOC_LOGS, &format!("{d}/"));
         std::fs::write(dir.path().join("jobcast.conf"), conf).expect("write jobcast.conf");
         // The process frame around the documented http-level config: paths
         // inside the temporary directory, one worker, running as this user.

@@ -1,0 +1,528 @@
+//! Authentication and per-stream authorization with JWTs.
+//!
+//! A token is verified with one key and one algorithm, both fixed by the
+//! configuration (HS256 with a secret, or EdDSA / RS256 with a public key):
+//! the token's own `alg` header is never trusted to choose. Its claims list
+//! the streams it may publish to and subscribe to:
+//!
+//! ```json
+//! {"exp": 1700000000, "jobcast": {"publish": ["job-1"], "subscribe": ["job-*"]}}
+//! ```
+//!
+//! A pattern is an exact stream id, or a prefix ending in `*` matched as a
+//! plain string prefix (`*` alone matches every stream). `exp` is required,
+//! `nbf` is respected. `"metrics": true` lets a token read `/metrics`.
+//!
+//! Where a token comes from matters: `Authorization: Bearer` grants what the
+//! claims say; a cookie or `?access_token=` (GET only) grants reading only,
+//! since a browser sends cookies with cross-site requests (a cookie-
+//! authenticated write would be a CSRF hole) and query strings end up in
+//! proxy logs and browser history.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{MatchedPath, RawPathParams, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::http::{ApiError, AppState};
+
+/// The algorithm of a public key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyAlg {
+    /// Ed25519 signatures (`alg: EdDSA`).
+    EdDsa,
+    /// RSA PKCS#1 v1.5 with SHA-256 (`alg: RS256`).
+    Rs256,
+}
+
+/// A key that cannot be used to verify tokens.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The PEM text is not a public key of the expected (or any supported) kind.
+    #[error("not a PEM {expected} public key")]
+    NotAPublicKey {
+        /// What was expected: `Ed25519`, `RSA`, or `Ed25519 or RSA`.
+        expected: &'static str,
+        /// Why the key was refused.
+        #[source]
+        source: jsonwebtoken::errors::Error,
+    },
+    /// An HS256 secret must not be empty.
+    #[error("the JWT secret is empty")]
+    EmptySecret,
+}
+
+/// How tokens are verified: one key, one pinned algorithm. Its `Debug`
+/// never shows the key.
+#[derive(Clone)]
+pub struct Auth {
+    key: Arc<DecodingKey>,
+    alg: Algorithm,
+    leeway: Duration,
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Auth")
+            .field("alg", &self.alg)
+            .field("key", &"<redacted>")
+            .field("leeway", &self.leeway)
+            .finish()
+    }
+}
+
+impl Auth {
+    /// Verifies HS256 tokens with a shared secret.
+    pub fn hs256(secret: impl AsRef<[u8]>) -> Result<Auth, KeyError> {
+        let secret = secret.as_ref();
+        if secret.is_empty() {
+            return Err(KeyError::EmptySecret);
+        }
+        Ok(Self::new(
+            DecodingKey::from_secret(secret),
+            Algorithm::HS256,
+        ))
+    }
+
+    /// Verifies tokens with a PEM public key. The algorithm is `alg` when
+    /// given, else inferred from the key's type (Ed25519: EdDSA, RSA: RS256) —
+    /// never from a token.
+    pub fn public_key_pem(pem: &[u8], alg: Option<KeyAlg>) -> Result<Auth, KeyError> {
+        let ed = || DecodingKey::from_ed_pem(pem).map(|k| Self::new(k, Algorithm::EdDSA));
+        let rsa = || DecodingKey::from_rsa_pem(pem).map(|k| Self::new(k, Algorithm::RS256));
+        match alg {
+            Some(KeyAlg::EdDsa) => ed().map_err(|source| KeyError::NotAPublicKey {
+                expected: "Ed25519",
+                source,
+            }),
+            Some(KeyAlg::Rs256) => rsa().map_err(|source| KeyError::NotAPublicKey {
+                expected: "RSA",
+                source,
+            }),
+            None => ed()
+                .or_else(|_| rsa())
+                .map_err(|source| KeyError::NotAPublicKey {
+                    expected: "Ed25519 or RSA",
+                    source,
+                }),
+        }
+    }
+
+    fn new(key: DecodingKey, alg: Algorithm) -> Auth {
+        Auth {
+            key: Arc::new(key),
+            alg,
+            leeway: Duration::from_secs(5),
+        }
+    }
+
+    /// Clock skew tolerated on `exp` and `nbf` (default 5 s). A token is
+    /// honoured, and an open stream kept, until `exp` plus this.
+    pub fn with_leeway(mut self, leeway: Duration) -> Auth {
+        self.leeway = leeway;
+        self
+    }
+
+    /// The pinned algorithm.
+    pub fn algorithm(&self) -> Algorithm {
+        self.alg
+    }
+
+    /// Verifies `token` and returns its grant.
+    pub fn verify(&self, token: &str, source: TokenSource) -> Result<Grant, AuthError> {
+        let mut v = Validation::new(self.alg);
+        v.leeway = self.leeway.as_secs();
+        v.validate_nbf = true;
+        v.validate_aud = false;
+        v.set_required_spec_claims(&["exp"]);
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.key, &v).map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                _ => AuthError::Invalid,
+            })?;
+        let claims = data.claims;
+        let expires = UNIX_EPOCH + Duration::from_secs(claims.exp).saturating_add(self.leeway);
+        let perms = claims.jobcast.unwrap_or_default();
+        Ok(Grant {
+            publish: perms.publish,
+            subscribe: perms.subscribe,
+            metrics: perms.metrics,
+            expires: Some(expires),
+            source,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    exp: u64,
+    #[serde(default)]
+    jobcast: Option<Perms>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Perms {
+    #[serde(default)]
+    publish: Vec<String>,
+    #[serde(default)]
+    subscribe: Vec<String>,
+    #[serde(default)]
+    metrics: bool,
+}
+
+/// Where a token came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `Authorization: Bearer`: grants what the claims say.
+    Bearer,
+    /// The auth cookie: reading only.
+    Cookie,
+    /// `?access_token=` on a GET: reading only.
+    Query,
+}
+
+/// Why a request was not authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// No token was sent.
+    #[error("a token is required: send Authorization: Bearer <token>")]
+    Missing,
+    /// The token is malformed, badly signed, of another algorithm, or lacks `exp`.
+    #[error("the token is invalid")]
+    Invalid,
+    /// The token's `exp` has passed.
+    #[error("the token has expired")]
+    Expired,
+    /// The token's `nbf` is still ahead.
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    /// A write came with a cookie or query token only.
+    #[error("writes need Authorization: Bearer; a cookie or access_token grants reading only")]
+    BearerRequired,
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        let code = match e {
+            AuthError::Missing => "unauthorized",
+            AuthError::Invalid => "token_invalid",
+            AuthError::Expired => "token_expired",
+            AuthError::NotYetValid => "token_not_yet_valid",
+            AuthError::BearerRequired => "bearer_required",
+        };
+        ApiError::new(StatusCode::UNAUTHORIZED, code, e.to_string())
+    }
+}
+
+/// What a request may do: the verified claims, or everything when auth is off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    publish: Vec<String>,
+    subscribe: Vec<String>,
+    metrics: bool,
+    /// When the grant ends (None: never, auth is off).
+    pub expires: Option<SystemTime>,
+    /// Where the token came from (None: auth is off).
+    source: TokenSource,
+}
+
+impl Grant {
+    /// Everything, forever: auth is off.
+    pub fn all() -> Grant {
+        Grant {
+            publish: vec!["*".into()],
+            subscribe: vec!["*".into()],
+            metrics: true,
+            expires: None,
+            source: TokenSource::Bearer,
+        }
+    }
+
+    /// Nothing at all: what a request without a verified grant may do.
+    pub fn none() -> Grant {
+        Grant {
+            publish: Vec::new(),
+            subscribe: Vec::new(),
+            metrics: false,
+            expires: Some(UNIX_EPOCH),
+            source: TokenSource::Query,
+        }
+    }
+
+    /// Whether this grant may watch and read `stream`.
+    pub fn may_subscribe(&self, stream: &str) -> bool {
+        self.subscribe.iter().any(|p| matches(p, stream))
+    }
+
+    /// Whether this grant may append to, create, end and delete `stream`.
+    pub fn may_publish(&self, stream: &str) -> bool {
+        self.source == TokenSource::Bearer && self.publish.iter().any(|p| matches(p, stream))
+    }
+
+    /// How long until the grant ends, from now (None: never).
+    pub fn remaining(&self) -> Option<Duration> {
+        self.expires.map(|e| {
+            e.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        })
+    }
+}
+
+/// Whether `pattern` (an exact id, or a prefix ending in `*`) covers `stream`.
+pub fn matches(pattern: &str, stream: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => stream.starts_with(prefix),
+        None => pattern == stream,
+    }
+}
+
+/// The token of a request and where it came from: `Authorization: Bearer`
+/// first, then the cookie, then `?access_token=` (on GET and HEAD only).
+/// `Err(Invalid)` for an `Authorization` header that is not a Bearer token.
+pub fn token_of<'a>(
+    method: &Method,
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+    cookie: &str,
+) -> Result<Option<(std::borrow::Cow<'a, str>, TokenSource)>, AuthError> {
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        let v = v.to_str().map_err(|_| AuthError::Invalid)?;
+        let (scheme, token) = v.trim().split_once(' ').ok_or(AuthError::Invalid)?;
+        if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+            return Err(AuthError::Invalid);
+        }
+        return Ok(Some((token.trim().into(), TokenSource::Bearer)));
+    }
+    for v in headers.get_all(header::COOKIE) {
+        let Ok(v) = v.to_str() else { continue };
+        for pair in v.split(';') {
+            if let Some((name, value)) = pair.trim().split_once('=') {
+                if name.trim() == cookie && !value.trim().is_empty() {
+                    return Ok(Some((
+                        value.trim().trim_matches('"').into(),
+                        TokenSource::Cookie,
+                    )));
+                }
+            }
+        }
+    }
+    if *method == Method::GET || *method == Method::HEAD {
+        for pair in query.unwrap_or("").split('&') {
+            if let Some(v) = pair.strip_prefix("access_token=") {
+                if !v.is_empty() {
+                    // Tokens are base64url and dots: no percent-decoding needed,
+                    // but a client that encoded anything is answered honestly.
+                    let v = percent_decode(v).ok_or(AuthError::Invalid)?;
+                    return Ok(Some((v, TokenSource::Query)));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn percent_decode(s: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if !s.contains('%') && !s.contains('+') {
+        return Some(s.into());
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = b.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok().map(Into::into)
+}
+
+/// What a route needs.
+enum Need {
+    /// Nothing: health checks and static files.
+    Public,
+    /// A valid token (e.g. the stream list, filtered by its patterns).
+    Token,
+    /// Subscribe on the path's stream.
+    Subscribe,
+    /// Publish on the path's stream (Bearer only).
+    Publish,
+    /// The `metrics` claim.
+    Metrics,
+}
+
+fn need(path: &str, method: &Method) -> Need {
+    let read = *method == Method::GET || *method == Method::HEAD;
+    match path {
+        "/healthz" | "/readyz" => Need::Public,
+        "/metrics" => Need::Metrics,
+        "/v1/streams/{id}" | "/v1/streams/{id}/events" if read => Need::Subscribe,
+        "/v1/streams/{id}"
+        | "/v1/streams/{id}/events"
+        | "/v1/streams/{id}/complete"
+        | "/v1/streams/{id}/fail" => Need::Publish,
+        // Deny by default under the API; anything else (static files) is public.
+        p if p.starts_with("/v1/") || p == "/v1" => Need::Token,
+        _ => Need::Public,
+    }
+}
+
+/// The middleware: verifies the token a route needs and puts the [`Grant`]
+/// into the request's extensions. Runs after routing, so the stream id is
+/// the percent-decoded path parameter the handler sees.
+pub(crate) async fn guard(
+    State(state): State<AppState>,
+    matched: Result<MatchedPath, axum::extract::rejection::MatchedPathRejection>,
+    params: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let Some(auth) = state.config.auth.as_ref() else {
+        req.extensions_mut().insert(Grant::all());
+        return next.run(req).await;
+    };
+    let path = match &matched {
+        Ok(p) => p.as_str(),
+        Err(_) => req.uri().path(),
+    };
+    let need = need(path, req.method());
+    if let Need::Public = need {
+        return next.run(req).await;
+    }
+    let grant = match authenticate(auth, &state, &req) {
+        Ok(g) => g,
+        Err(e) => return unauthorized(e),
+    };
+    let stream = params.ok().and_then(|p| {
+        p.iter()
+            .find(|(k, _)| *k == "id")
+            .map(|(_, v)| v.to_owned())
+    });
+    let allowed = match need {
+        Need::Public | Need::Token => true,
+        Need::Metrics => grant.metrics,
+        Need::Subscribe => stream.is_some_and(|s| grant.may_subscribe(&s)),
+        Need::Publish if grant.source != TokenSource::Bearer => {
+            return unauthorized(AuthError::BearerRequired)
+        }
+        Need::Publish => stream.is_some_and(|s| grant.may_publish(&s)),
+    };
+    if !allowed {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the token does not cover this stream",
+        )
+        .into_response();
+    }
+    req.extensions_mut().insert(grant);
+    next.run(req).await
+}
+
+fn authenticate(auth: &Auth, state: &AppState, req: &Request) -> Result<Grant, AuthError> {
+    let (token, source) = token_of(
+        req.method(),
+        req.headers(),
+        req.uri().query(),
+        &state.config.auth_cookie,
+    )?
+    .ok_or(AuthError::Missing)?;
+    auth.verify(&token, source)
+}
+
+fn unauthorized(e: AuthError) -> Response {
+    let challenge = match e {
+        AuthError::Missing | AuthError::BearerRequired => r#"Bearer realm="jobcast""#,
+        _ => r#"Bearer realm="jobcast", error="invalid_token""#,
+    };
+    let mut res = ApiError::from(e).into_response();
+    res.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_are_exact_or_plain_prefixes() {
+        assert!(matches("job-1", "job-1"));
+        assert!(!matches("job-1", "job-10"));
+        assert!(matches("job-*", "job-10"));
+        assert!(matches("job-*", "job-"));
+        assert!(!matches("job-*", "job"));
+        assert!(matches("*", "anything"));
+        // `*` only means something at the end.
+        assert!(!matches("j*b", "jxb"));
+    }
+
+    #[test]
+    fn debug_redacts_the_key() {
+        let a = Auth::hs256("super-secret-value").unwrap();
+        let s = format!("{a:?}");
+        assert!(!s.contains("super-secret"), "{s}");
+        assert!(s.contains("redacted"));
+    }
+
+    #[test]
+    fn tokens_come_from_bearer_then_cookie_then_query() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; jobcast_token=c.c.c"),
+        );
+        let got = token_of(
+            &Method::GET,
+            &h,
+            Some("access_token=q.q.q"),
+            "jobcast_token",
+        )
+        .unwrap();
+        assert_eq!(got, Some(("c.c.c".into(), TokenSource::Cookie)));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer b.b.b"),
+        );
+        let got = token_of(&Method::GET, &h, None, "jobcast_token").unwrap();
+        assert_eq!(got, Some(("b.b.b".into(), TokenSource::Bearer)));
+        let none = HeaderMap::new();
+        let got = token_of(&Method::GET, &none, Some("x=1&access_token=q.q.q"), "t").unwrap();
+        assert_eq!(got, Some(("q.q.q".into(), TokenSource::Query)));
+        // Not on a write.
+        let got = token_of(&Method::POST, &none, Some("access_token=q.q.q"), "t").unwrap();
+        assert_eq!(got, None);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic Zm9v"),
+        );
+        assert_eq!(
+            token_of(&Method::GET, &h, None, "t"),
+            Err(AuthError::Invalid)
+        );
+    }
+}
