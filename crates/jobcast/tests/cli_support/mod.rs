@@ -80,11 +80,12 @@ impl Server {
         let keep = log.clone();
         // JOBCAST_TEST_ECHO=1 echoes every server's log (to debug a test).
         let echo = std::env::var_os("JOBCAST_TEST_ECHO").is_some();
+        let pid = child.id();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if echo {
-                    eprintln!("[jobcast {}] {line}", std::process::id());
+                    eprintln!("[jobcast {pid}] {line}");
                 }
                 {
                     let mut keep = keep.lock().unwrap();

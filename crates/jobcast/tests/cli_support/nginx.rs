@@ -79,7 +79,10 @@ impl Nginx {
 
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path().display().to_string();
-        assert!(conf.contains(DOC_LOGS), "docs/nginx/jobcast.conf logs to {DOC_LOGS}");
+        assert!(
+            conf.contains(DOC_LOGS),
+            "docs/nginx/jobcast.conf logs to {DOC_LOGS}"
+        );
         conf = conf.replace(DOC_LOGS, &format!("{d}/"));
         std::fs::write(dir.path().join("jobcast.conf"), conf).expect("write jobcast.conf");
         // The process frame around the documented http-level config: paths
