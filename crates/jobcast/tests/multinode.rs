@@ -353,6 +353,15 @@ async fn a_postgres_outage_answers_503_then_resumes_with_no_gap() {
             .all(|(s, c)| *s == 503 && c == "store_unavailable"),
         "appends during the outage: {refused:?}"
     );
+    // Neither node is ready without its store.
+    for url in &urls {
+        let res = client
+            .get(format!("{url}/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+        assert_eq!(res.status(), 503, "{url}/readyz during the outage");
+    }
     // ...and a watcher that needs the store (resuming after seq 5, on node
     // 2) gets a retryable store_unavailable. It already had seqs 1..=5.
     let mut late = Watcher::new(stream);
