@@ -28,7 +28,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::writer::{encode, size_of, Retention, GROUP_MAX_BYTES, GROUP_MAX_EVENTS, PURGE_CHUNK};
+use super::writer::{
+    fail_group, publish_and_answer, size_of, Publish, Reply, Retention, GROUP_MAX_BYTES,
+    GROUP_MAX_EVENTS, PURGE_CHUNK,
+};
 use super::{
     append_response_body, ListQuery, Page, Refusal, StoreError, StoredEvent, StreamMeta, WriteOp,
     WriteOutcome, WriteRequest,
@@ -57,8 +60,6 @@ const PURGE_EVERY: Duration = Duration::from_millis(50);
 const LISTENER_PING: Duration = Duration::from_secs(10);
 /// Most pages read to catch up on one wake-up; watchers read the rest themselves.
 const CATCH_UP_PAGES: usize = 8;
-
-type Reply = oneshot::Sender<Result<WriteOutcome, StoreError>>;
 
 /// What the writer task is sent.
 #[derive(Debug)]
@@ -285,19 +286,6 @@ async fn read_page(
     Ok(meta.map(|meta| Page { meta, events }))
 }
 
-/// What to tell the hubs once the transaction committed.
-enum Publish {
-    /// The events of request `index` of the group were committed.
-    Events {
-        index: usize,
-        epoch: String,
-        first_seq: u64,
-        last_seq: u64,
-    },
-    /// The stream was created or deleted (`deleted`).
-    Changed { stream: String, deleted: bool },
-}
-
 impl Publish {
     /// The NOTIFY payload: `"{stream} {epoch} {first} {last}"` or `"{stream}"`.
     fn payload(&self, group: &[(WriteRequest, Reply)]) -> String {
@@ -402,39 +390,9 @@ impl Writer {
         };
         match result {
             Ok((outcomes, publish)) => {
-                // Publish before answering.
-                for p in publish {
-                    match p {
-                        Publish::Events {
-                            index,
-                            epoch,
-                            first_seq,
-                            ..
-                        } => {
-                            let req = &group[index].0;
-                            if self.hub.is_watched(&req.stream) {
-                                if let Some(batch) = encode(req, &epoch, first_seq) {
-                                    self.hub.publish(&req.stream, Arc::new(batch));
-                                }
-                            }
-                        }
-                        Publish::Changed { stream, deleted } => {
-                            self.purge_pending |= deleted;
-                            self.hub.changed(&stream);
-                        }
-                    }
-                }
-                for ((_, reply), outcome) in group.drain(..).zip(outcomes) {
-                    let _ = reply.send(Ok(outcome));
-                }
+                self.purge_pending |= publish_and_answer(&self.hub, group, outcomes, publish);
             }
-            Err(e) => {
-                tracing::error!(error = %e, writes = group.len(), "store write failed; nothing was committed");
-                let message = e.to_string();
-                for (_, reply) in group.drain(..) {
-                    let _ = reply.send(Err(StoreError::Unavailable(message.clone().into())));
-                }
-            }
+            Err(e) => fail_group(group, &e),
         }
     }
 

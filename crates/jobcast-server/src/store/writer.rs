@@ -84,16 +84,66 @@ pub(super) struct Writer {
     checkpointer: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
-/// What to tell the hub once the transaction committed.
-enum Publish {
-    /// The events of request `index` of the group were committed from `first_seq`.
+/// What to tell the hub once the transaction committed (shared by the backends).
+pub(super) enum Publish {
+    /// The events of request `index` of the group were committed.
     Events {
         index: usize,
         epoch: String,
         first_seq: u64,
+        last_seq: u64,
     },
-    /// The stream was created, deleted or replaced.
-    Changed(String),
+    /// The stream was created or deleted (`deleted`).
+    Changed { stream: String, deleted: bool },
+}
+
+/// After COMMIT: publishes the committed batches to the hub (before
+/// answering, so a producer that went away cannot leave watchers without
+/// its batch), then answers every request. Whether a stream was deleted.
+pub(super) fn publish_and_answer(
+    hub: &Hub,
+    group: &mut Vec<(WriteRequest, Reply)>,
+    outcomes: Vec<WriteOutcome>,
+    publish: Vec<Publish>,
+) -> bool {
+    let mut deleted_any = false;
+    for p in publish {
+        match p {
+            Publish::Events {
+                index,
+                epoch,
+                first_seq,
+                ..
+            } => {
+                let req = &group[index].0;
+                // Encoded after COMMIT, only for watched streams: a watcher
+                // subscribing after this check reads the store after the
+                // commit; one before gets the batch.
+                if hub.is_watched(&req.stream) {
+                    if let Some(batch) = encode(req, &epoch, first_seq) {
+                        hub.publish(&req.stream, Arc::new(batch));
+                    }
+                }
+            }
+            Publish::Changed { stream, deleted } => {
+                deleted_any |= deleted;
+                hub.changed(&stream);
+            }
+        }
+    }
+    for ((_, reply), outcome) in group.drain(..).zip(outcomes) {
+        let _ = reply.send(Ok(outcome));
+    }
+    deleted_any
+}
+
+/// A group that could not be committed: every request gets the error.
+pub(super) fn fail_group(group: &mut Vec<(WriteRequest, Reply)>, e: &dyn std::fmt::Display) {
+    tracing::error!(error = %e, writes = group.len(), "store write failed; nothing was committed");
+    let message = e.to_string();
+    for (_, reply) in group.drain(..) {
+        let _ = reply.send(Err(StoreError::Unavailable(message.clone().into())));
+    }
 }
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
@@ -238,41 +288,11 @@ impl Writer {
         })();
         match result {
             Ok(()) => {
-                // Publish before answering.
-                for p in publish {
-                    match p {
-                        Publish::Events {
-                            index,
-                            epoch,
-                            first_seq,
-                        } => {
-                            let req = &group[index].0;
-                            // Encoded after COMMIT, only for watched streams: a
-                            // watcher subscribing after this check reads the
-                            // store after the commit; one before gets the batch.
-                            if self.hub.is_watched(&req.stream) {
-                                if let Some(batch) = encode(req, &epoch, first_seq) {
-                                    self.hub.publish(&req.stream, Arc::new(batch));
-                                }
-                            }
-                        }
-                        Publish::Changed(stream) => {
-                            self.purge_pending = true;
-                            self.hub.changed(&stream)
-                        }
-                    }
-                }
-                for ((_, reply), outcome) in group.drain(..).zip(outcomes) {
-                    let _ = reply.send(Ok(outcome));
+                if publish_and_answer(&self.hub, group, outcomes, publish) {
+                    self.purge_pending = true;
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, writes = group.len(), "store write failed; nothing was committed");
-                let message = e.to_string();
-                for (_, reply) in group.drain(..) {
-                    let _ = reply.send(Err(StoreError::Unavailable(message.clone().into())));
-                }
-            }
+            Err(e) => fail_group(group, &e),
         }
     }
 
@@ -570,7 +590,10 @@ fn apply(
             },
             None => {
                 let meta = create(conn, &req.stream)?;
-                publish.push(Publish::Changed(req.stream.clone()));
+                publish.push(Publish::Changed {
+                    stream: req.stream.clone(),
+                    deleted: false,
+                });
                 WriteOutcome::Created {
                     meta,
                     created: true,
@@ -582,7 +605,10 @@ fn apply(
                 return Ok(WriteOutcome::Refused(Refusal::NotFound));
             };
             delete_stream(conn, meta.key)?;
-            publish.push(Publish::Changed(req.stream.clone()));
+            publish.push(Publish::Changed {
+                stream: req.stream.clone(),
+                deleted: true,
+            });
             Ok(WriteOutcome::Deleted)
         }
         WriteOp::Append(events) => {
@@ -595,7 +621,10 @@ fn apply(
                 }
                 None => {
                     let meta = create(conn, &req.stream)?;
-                    publish.push(Publish::Changed(req.stream.clone()));
+                    publish.push(Publish::Changed {
+                        stream: req.stream.clone(),
+                        deleted: false,
+                    });
                     meta
                 }
             };
@@ -621,6 +650,7 @@ fn apply(
                 index,
                 epoch: meta.epoch.clone(),
                 first_seq,
+                last_seq,
             });
             Ok(WriteOutcome::Appended {
                 epoch: meta.epoch,
@@ -661,6 +691,7 @@ fn apply(
                 index,
                 epoch: meta.epoch.clone(),
                 first_seq: seq,
+                last_seq: seq,
             });
             Ok(WriteOutcome::Ended { meta })
         }
