@@ -252,6 +252,22 @@ export class Watch {
   }
 
   /**
+   * The headers of the next request; null when the watch was closed
+   * meanwhile, or when the token function failed (then a retry is scheduled
+   * like a network error).
+   * @returns {Promise<Record<string, string> | null>}
+   */
+  async headersOrRetry() {
+    const m = this.machine;
+    const headers = await this.requestHeaders().catch(() => null);
+    if (m.current() === 'closed') return null;
+    if (headers === null) {
+      m.onNetworkError(Date.now(), new JobcastError('token', 'the token function failed', { retryable: true }), this.random(), this.out);
+    }
+    return headers;
+  }
+
+  /**
    * A fetch with an abort controller the watch can cancel, and a timer that
    * aborts it; `timer.arm(ms)` re-arms it, `timer.fired` tells whether it did.
    * @param {string} url
@@ -301,12 +317,8 @@ export class Watch {
   async streamOnce() {
     const m = this.machine;
     const pos = m.position();
-    const headers = await this.requestHeaders().catch(() => null);
-    if (m.current() === 'closed') return;
-    if (headers === null) {
-      m.onNetworkError(Date.now(), new JobcastError('token', 'the token function failed', { retryable: true }), this.random(), this.out);
-      return;
-    }
+    const headers = await this.headersOrRetry();
+    if (headers === null) return;
     headers.accept = 'text/event-stream';
     let url = this.eventsUrl;
     if (pos.kind === 'after') headers['last-event-id'] = pos.id;
@@ -378,12 +390,8 @@ export class Watch {
   async pollOnce() {
     const m = this.machine;
     const pos = m.position();
-    const headers = await this.requestHeaders().catch(() => null);
-    if (m.current() === 'closed') return;
-    if (headers === null) {
-      m.onNetworkError(Date.now(), new JobcastError('token', 'the token function failed', { retryable: true }), this.random(), this.out);
-      return;
-    }
+    const headers = await this.headersOrRetry();
+    if (headers === null) return;
     headers.accept = 'application/json';
     const wait = this.options.pollWaitSeconds ?? 25;
     const params = new URLSearchParams({ wait: String(wait), limit: '100' });
@@ -419,12 +427,8 @@ export class Watch {
   /** Looks up the stream's head for a `live` start. */
   async resolveLive() {
     const m = this.machine;
-    const headers = await this.requestHeaders().catch(() => null);
-    if (m.current() === 'closed') return;
-    if (headers === null) {
-      m.onNetworkError(Date.now(), new JobcastError('token', 'the token function failed', { retryable: true }), this.random(), this.out);
-      return;
-    }
+    const headers = await this.headersOrRetry();
+    if (headers === null) return;
     headers.accept = 'application/json';
     /** @type {Awaited<ReturnType<Watch['request']>> | undefined} */
     let r;

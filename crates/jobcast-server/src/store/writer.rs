@@ -40,6 +40,20 @@ const WAL_LIMIT_FRAMES: i64 = 64 * 1024;
 /// The answer to one write.
 pub(super) type Reply = oneshot::Sender<Result<WriteOutcome, StoreError>>;
 
+/// Hands a write to a backend's writer (`wrap` builds its command) and waits
+/// for the answer, which comes after the commit.
+pub(super) async fn submit<C>(
+    tx: &mpsc::Sender<C>,
+    req: WriteRequest,
+    wrap: fn(WriteRequest, Reply) -> C,
+) -> Result<WriteOutcome, StoreError> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(wrap(req, reply))
+        .await
+        .map_err(|_| StoreError::Closed)?;
+    rx.await.map_err(|_| StoreError::Closed)?
+}
+
 /// What the writer thread is sent.
 #[derive(Debug)]
 pub(super) enum Cmd {
