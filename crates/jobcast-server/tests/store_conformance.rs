@@ -78,6 +78,30 @@ async fn write(store: &Store, stream: &str, op: WriteOp, key: Option<&str>) -> W
         .unwrap()
 }
 
+/// Ends a stream as `completed`.
+fn completed() -> WriteOp {
+    WriteOp::End {
+        state: StreamState::Completed,
+        data: r#"{"state":"completed"}"#.into(),
+    }
+}
+
+/// The ids `list` answers (newest first), optionally in one state.
+async fn list_ids(store: &Store, state: Option<StreamState>) -> Vec<String> {
+    let q = jobcast_server::store::ListQuery {
+        state,
+        limit: 10,
+        ..Default::default()
+    };
+    store
+        .list(&q)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect()
+}
+
 async fn all_events(store: &Store, stream: &str) -> Vec<(u64, String, String)> {
     let mut out = Vec::new();
     let mut after = 0;
@@ -265,36 +289,10 @@ async fn list_is_newest_first_and_filters_by_state() {
         for id in ["l1", "l2", "l3"] {
             write(s, id, WriteOp::Create, None).await;
         }
-        let end = WriteOp::End {
-            state: StreamState::Completed,
-            data: r#"{"state":"completed"}"#.into(),
-        };
+        let end = completed();
         write(s, "l2", end, None).await;
-        let q = jobcast_server::store::ListQuery {
-            limit: 10,
-            ..Default::default()
-        };
-        let ids: Vec<_> = s
-            .list(&q)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|m| m.id)
-            .collect();
-        assert_eq!(ids, ["l3", "l2", "l1"]);
-        let q = jobcast_server::store::ListQuery {
-            state: Some(StreamState::Completed),
-            limit: 10,
-            ..Default::default()
-        };
-        let ids: Vec<_> = s
-            .list(&q)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|m| m.id)
-            .collect();
-        assert_eq!(ids, ["l2"]);
+        assert_eq!(list_ids(s, None).await, ["l3", "l2", "l1"]);
+        assert_eq!(list_ids(s, Some(StreamState::Completed)).await, ["l2"]);
     }
 }
 
@@ -309,10 +307,7 @@ async fn retention_deletes_ended_streams_past_their_ttl() {
         let s = &b.store;
         write(s, "kept-open", events(2, "o"), None).await;
         write(s, "ended", events(2, "e"), None).await;
-        let end = WriteOp::End {
-            state: StreamState::Completed,
-            data: r#"{"state":"completed"}"#.into(),
-        };
+        let end = completed();
         write(s, "ended", end, None).await;
         let mut gone = false;
         for _ in 0..500 {
