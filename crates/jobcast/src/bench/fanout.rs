@@ -73,15 +73,8 @@ pub(super) async fn run(args: FanoutArgs) -> Result<()> {
     let endpoint = c.endpoint(args.watchers + args.streams + 1).await?;
     let timeout = c.timeout.unwrap_or(Duration::from_secs(120));
     let deadline = Instant::now() + timeout;
-    let run = super::run_id();
-    let streams: Vec<String> = (0..args.streams).map(|s| format!("f{run}s{s}")).collect();
-
-    // Create the streams first, so watchers attach to existing ones.
-    let mut conn = Conn::new(endpoint.clone(), 0);
-    for s in &streams {
-        api.create(&mut conn, s).await?;
-    }
-    drop(conn);
+    // Created first, so watchers attach to existing streams.
+    let streams = api.create_streams(&endpoint, "f", args.streams).await?;
 
     let cancel = CancellationToken::new();
     let shared = Arc::new(Shared::new(

@@ -11,7 +11,6 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::http::Conn;
 use super::stats::Mem;
 use super::watch::{self, Plan, Shared, Totals};
 use super::{Common, Outcome, Ui};
@@ -57,13 +56,7 @@ pub(super) async fn run(args: HoldArgs) -> Result<()> {
         .timeout
         .unwrap_or(args.duration + Duration::from_secs(120));
     let deadline = Instant::now() + timeout;
-    let run = super::run_id();
-    let streams: Vec<String> = (0..args.streams).map(|s| format!("h{run}s{s}")).collect();
-    let mut conn = Conn::new(endpoint.clone(), 0);
-    for s in &streams {
-        api.create(&mut conn, s).await?;
-    }
-    drop(conn);
+    let streams = api.create_streams(&endpoint, "h", args.streams).await?;
 
     // Let the server settle before the baseline.
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -70,18 +70,12 @@ pub(super) async fn run(args: IngestArgs) -> Result<()> {
             + Duration::from_secs(60),
     );
     let deadline = Instant::now() + timeout;
-    let run = super::run_id();
     let nstreams = if args.streams == 0 {
         args.producers
     } else {
         args.streams
     };
-    let streams: Vec<String> = (0..nstreams).map(|s| format!("i{run}s{s}")).collect();
-    let mut conn = Conn::new(endpoint.clone(), 0);
-    for s in &streams {
-        api.create(&mut conn, s).await?;
-    }
-    drop(conn);
+    let streams = api.create_streams(&endpoint, "i", nstreams).await?;
 
     let mut out = Outcome::new();
     out.row(

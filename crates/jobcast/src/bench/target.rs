@@ -71,6 +71,23 @@ impl Api {
         Ok(())
     }
 
+    /// Creates `n` streams named `{prefix}{run}s{i}`, `run` being new for
+    /// this run (names never collide with an earlier run's), over one connection.
+    pub(super) async fn create_streams(
+        &self,
+        endpoint: &std::sync::Arc<super::http::Endpoint>,
+        prefix: &str,
+        n: u64,
+    ) -> Result<Vec<String>> {
+        let run = super::run_id();
+        let streams: Vec<String> = (0..n).map(|s| format!("{prefix}{run}s{s}")).collect();
+        let mut conn = Conn::new(endpoint.clone(), 0);
+        for s in &streams {
+            self.create(&mut conn, s).await?;
+        }
+        Ok(streams)
+    }
+
     /// Publishes events `first..first+count` of `stream`, all stamped `t`,
     /// in one request. `body` is a reusable buffer.
     #[allow(clippy::too_many_arguments)] // each is one knob of the payload
