@@ -19,6 +19,9 @@ use tokio::sync::Notify;
 /// A committed batch of one stream's events, encoded once as SSE.
 #[derive(Debug)]
 pub struct Batch {
+    /// The internal key of the stream's creation (ordered: a later creation
+    /// has a larger key), so a late batch of a replaced stream is recognised.
+    pub key: i64,
     /// The epoch of the stream these events belong to.
     pub epoch: Arc<str>,
     /// Seq of the first event.
@@ -36,8 +39,9 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Encodes events `(type, data)` numbered from `first_seq`.
+    /// Encodes events `(type, data)` of the creation `key` numbered from `first_seq`.
     pub fn encode<'a>(
+        key: i64,
         epoch: &str,
         first_seq: u64,
         events: impl IntoIterator<Item = (&'a str, &'a str)>,
@@ -53,6 +57,7 @@ impl Batch {
             seq += 1;
         }
         Batch {
+            key,
             epoch: Arc::from(epoch),
             first_seq,
             last_seq: seq.saturating_sub(1).max(first_seq),
@@ -68,6 +73,7 @@ impl Batch {
         let skip = (after + 1 - self.first_seq) as usize;
         let start = self.offsets[skip];
         Batch {
+            key: self.key,
             epoch: self.epoch.clone(),
             first_seq: after + 1,
             last_seq: self.last_seq,
@@ -107,6 +113,9 @@ struct Ring {
     batches: VecDeque<Arc<Batch>>,
     bytes: usize,
     epoch: Option<Arc<str>>,
+    /// The newest creation seen; batches of older creations are dropped
+    /// (a node's listener can lag its own writer across a delete).
+    key: i64,
 }
 
 /// One watched stream's shared state.
@@ -116,6 +125,9 @@ pub struct Entry {
     notify: Notify,
     /// Changed by every delete and creation, so watchers re-check the store.
     changes: AtomicU64,
+    /// Changed by every publish and change: lets a watcher tell whether
+    /// anything happened since it last read the store.
+    version: AtomicU64,
     /// Subscriptions; changed only under the hub's map lock.
     watchers: AtomicUsize,
 }
@@ -166,11 +178,16 @@ impl Hub {
         };
         self.inner.watchers.fetch_add(1, Ordering::Relaxed);
         let changes = entry.changes.load(Ordering::Acquire);
+        let head = {
+            let ring = lock(&entry.ring);
+            ring.batches.back().map(|b| (b.epoch.clone(), b.last_seq))
+        };
         Subscription {
             hub: self.clone(),
             stream: stream.to_owned(),
             entry,
             changes,
+            head,
         }
     }
 
@@ -239,10 +256,15 @@ impl Hub {
         };
         {
             let mut ring = lock(&entry.ring);
-            if ring.epoch.as_deref() != Some(&*batch.epoch) {
+            if batch.key < ring.key {
+                // A late batch of a creation that was since replaced.
+                return;
+            }
+            if batch.key > ring.key || ring.epoch.as_deref() != Some(&*batch.epoch) {
                 ring.batches.clear();
                 ring.bytes = 0;
                 ring.epoch = Some(batch.epoch.clone());
+                ring.key = batch.key;
             } else if let Some(head) = ring.batches.back().map(|b| b.last_seq) {
                 if batch.last_seq <= head {
                     return;
@@ -260,12 +282,23 @@ impl Hub {
                 }
             }
         }
+        entry.version.fetch_add(1, Ordering::AcqRel);
         entry.notify.notify_waiters();
     }
 
     /// Tells watchers that the stream was created, deleted or replaced: they
     /// re-check the store.
     pub fn changed(&self, stream: &str) {
+        self.change(stream, None);
+    }
+
+    /// Tells watchers that the creation `key` of the stream was deleted;
+    /// batches of it that arrive late are dropped from then on.
+    pub fn deleted(&self, stream: &str, key: i64) {
+        self.change(stream, Some(key));
+    }
+
+    fn change(&self, stream: &str, deleted: Option<i64>) {
         let Some(entry) = self.entry(stream) else {
             return;
         };
@@ -274,8 +307,12 @@ impl Hub {
             ring.batches.clear();
             ring.bytes = 0;
             ring.epoch = None;
+            if let Some(key) = deleted {
+                ring.key = ring.key.max(key.saturating_add(1));
+            }
         }
         entry.changes.fetch_add(1, Ordering::AcqRel);
+        entry.version.fetch_add(1, Ordering::AcqRel);
         entry.notify.notify_waiters();
     }
 }
@@ -286,7 +323,10 @@ pub struct Subscription {
     hub: Hub,
     stream: String,
     entry: Arc<Entry>,
+    /// The change counter when subscribing.
     changes: u64,
+    /// The ring's epoch and head when subscribing (`from=live` starts there).
+    head: Option<(Arc<str>, u64)>,
 }
 
 impl Entry {
@@ -308,13 +348,32 @@ impl Subscription {
         self.entry.clone()
     }
 
-    /// Whether the stream was created, deleted or replaced since the last
-    /// call (or since subscribing); the caller then re-checks the store.
-    pub fn take_change(&mut self) -> bool {
-        let now = self.entry.changes.load(Ordering::Acquire);
-        let changed = now != self.changes;
-        self.changes = now;
-        changed
+    /// The stream's change counter: bumped by every creation, deletion and
+    /// re-sync. A watcher that saw another value than the one it captured
+    /// before its last store read re-checks the store.
+    pub fn changes(&self) -> u64 {
+        self.entry.changes.load(Ordering::Acquire)
+    }
+
+    /// The change counter when this subscription was taken.
+    pub fn changes_at_subscribe(&self) -> u64 {
+        self.changes
+    }
+
+    /// The stream's publish counter: bumped by every publish and change.
+    pub fn version(&self) -> u64 {
+        self.entry.version.load(Ordering::Acquire)
+    }
+
+    /// The epoch and seq of the newest batch in the ring when subscribing.
+    pub fn head_at_subscribe(&self) -> Option<(&str, u64)> {
+        self.head.as_ref().map(|(e, s)| (&**e, *s))
+    }
+
+    /// Whether the hub was closed (shutdown). Check it after registering
+    /// for wake-ups ([`Subscription::notified`]), so the close is not missed.
+    pub fn is_closed(&self) -> bool {
+        self.hub.inner.closed.load(Ordering::SeqCst)
     }
 
     /// Hands `take` the batches after seq `after` of epoch `epoch` (the
@@ -369,6 +428,7 @@ mod tests {
     fn batch(epoch: &str, first: u64, n: u64) -> Arc<Batch> {
         let data: Vec<String> = (first..first + n).map(|s| format!("e{s}")).collect();
         Arc::new(Batch::encode(
+            1,
             epoch,
             first,
             data.iter().map(|d| ("message", d.as_str())),

@@ -1,18 +1,26 @@
-//! The watch logic as pure functions and a cursor, with no I/O: where a
-//! watcher starts (and whether that needs a `jobcast.reset`), and which bytes
-//! of hub batches or store pages it writes next so that every seq goes out
-//! exactly once, in order.
+//! The watch logic, with no I/O: one state machine ([`Watch`]) decides
+//! everything an SSE watcher and a JSON long-poll do — where to start (and
+//! whether that needs a `jobcast.reset`), ring or store, epoch changes,
+//! store errors and backoff, heartbeats, deadlines, shutdown, the end — so
+//! that every seq goes out exactly once, in order.
 //!
-//! The I/O shell (`http::sse`) takes a hub subscription first, then reads the
-//! store, then follows the ring, feeding what it finds to a [`Cursor`].
+//! The I/O shells (`http::sse`, `http::events`) take a hub subscription
+//! first, then create a [`Watch`] and carry out its [`Step`]s: store reads,
+//! writes, waits. The machine reads the real hub's ring through the
+//! subscription (a lock and a few `Bytes` clones, no I/O), so the model test
+//! drives the real hub.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use jobcast_protocol::{EventId, ResetPayload, ResetReason};
+use jobcast_protocol::{
+    ErrorPayload, EventId, ResetPayload, ResetReason, ERROR_EVENT, RESET_EVENT,
+};
 
-use crate::hub::Batch;
-use crate::store::{StoreError, StoredEvent, StreamMeta};
+use crate::hub::{Batch, RingRead, Subscription};
+use crate::metrics::{CloseReason, ResumeOutcome};
+use crate::store::{Page, StoreError, StoredEvent, StreamMeta};
 
 /// Where a watcher asked to start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,6 +246,696 @@ impl Cursor {
     }
 }
 
+/// What a watch produces: an SSE response, or one JSON page (long-poll).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `text/event-stream`: the log, then live events, then the end.
+    Sse,
+    /// One JSON page of at most `limit` events, waiting for the first one.
+    Page {
+        /// Most events in the page.
+        limit: u32,
+    },
+}
+
+/// The deadlines and sizes of one watch.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Time without a write after which a heartbeat comment is sent (SSE).
+    pub heartbeat: Duration,
+    /// When the response ends by itself (SSE; the client resumes).
+    pub close_at: Instant,
+    /// SSE: how long to wait for a stream that does not exist yet.
+    /// Page: the long-poll's deadline (the token's expiry included).
+    pub wait_until: Instant,
+    /// When the token ends (SSE closes with `token_expired`).
+    pub expires_at: Option<Instant>,
+    /// How long store errors are retried before `store_unavailable` (SSE).
+    pub store_retry_limit: Duration,
+    /// Most events per store read (SSE).
+    pub page_size: u32,
+}
+
+/// What a write carries (for metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Log events (`jobcast.end` included).
+    Events {
+        /// How many.
+        count: u64,
+        /// Whether they were read from the store (not the ring).
+        from_store: bool,
+        /// When their first batch was published (ring only).
+        published: Option<std::time::Instant>,
+    },
+    /// A control event (`jobcast.reset`).
+    Control,
+    /// A heartbeat comment.
+    Heartbeat,
+}
+
+/// Why a watch could not produce a response.
+#[derive(Debug)]
+pub enum Failure {
+    /// The stream does not exist (a page waited `wait` for it).
+    NotFound,
+    /// The store failed before anything was sent.
+    Store(StoreError),
+    /// The server is shutting down.
+    ShuttingDown,
+}
+
+/// The JSON page a long-poll answers with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageAnswer {
+    /// The stream's metadata, from the snapshot of the events.
+    pub meta: StreamMeta,
+    /// The events after the resume point.
+    pub events: Vec<StoredEvent>,
+    /// The id to continue after; None once `jobcast.end` was returned.
+    pub next: Option<EventId>,
+    /// Set when the resume point could not be honoured.
+    pub reset: Option<ResetPayload>,
+}
+
+/// What the shell does next.
+#[derive(Debug)]
+pub enum Step {
+    /// Write these bytes, then call [`Watch::next`].
+    Send(Bytes, Sent),
+    /// Read the stream's metadata; hand the answer to [`Watch::on_meta`].
+    ReadMeta,
+    /// Read the page after `after`; hand it to [`Watch::on_page`].
+    ReadPage {
+        /// The seq to read after.
+        after: u64,
+        /// Most events.
+        limit: u32,
+        /// Whether the watcher fell behind the ring (a slow-watcher fallback).
+        gap: bool,
+    },
+    /// Wait for a hub wake-up or `until`, then call [`Watch::next`]. Register
+    /// for wake-ups first and call [`Watch::next`] once more, so that nothing
+    /// published (or the hub closing) in between is missed.
+    Wait {
+        /// The earliest deadline.
+        until: Instant,
+    },
+    /// SSE, before the response: answer `204 No Content` (the client has the end).
+    NoContent,
+    /// Page mode: answer with this page.
+    Respond(Box<PageAnswer>),
+    /// SSE: write `last` (if any), then end the response.
+    Close {
+        /// The last bytes (`jobcast.error`), if any.
+        last: Option<Bytes>,
+        /// Why (for metrics).
+        reason: CloseReason,
+    },
+    /// No response can be made: answer with an HTTP error.
+    Fail(Failure),
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Nothing read from the store yet.
+    Init,
+    /// The stream does not exist: waiting for its creation.
+    Absent,
+    /// Following one epoch.
+    Follow(Cursor),
+    /// Closed or answered.
+    Done,
+}
+
+/// One watcher's (or one long-poll's) decisions, with no I/O: the shell
+/// feeds it store answers and wake-ups and carries out the [`Step`]s.
+///
+/// Every decision is here: where to start (and the reset), ring or store,
+/// epoch changes (a delete, a re-creation, a re-sync after missed
+/// wake-ups), store errors and their backoff, heartbeats, the maximum
+/// duration, the token's expiry, shutdown, the end.
+#[derive(Debug)]
+pub struct Watch {
+    mode: Mode,
+    resume: Resume,
+    settings: Settings,
+    phase: Phase,
+    /// The change counter up to which every change was checked in the store.
+    acked: u64,
+    /// The change counter and the ring version when the store read in
+    /// flight was issued: its answer covers changes up to them.
+    asked: (u64, u64),
+    /// The seq the last page read started after.
+    read_after: u64,
+    /// The ring version when the store last had nothing newer, while the
+    /// ring held another epoch: read again only after something happened.
+    idle_at: Option<u64>,
+    /// Sent before anything else.
+    reset: Option<Box<ResetPayload>>,
+    heartbeat_at: Instant,
+    /// While the stream does not exist: when to look for it again even
+    /// without a wake-up (once per heartbeat; a belt to the hub's braces).
+    poll_at: Instant,
+    retry_at: Option<Instant>,
+    failing_since: Option<Instant>,
+    attempt: u32,
+    rng: u64,
+    outcome: Option<ResumeOutcome>,
+    close_reason: CloseReason,
+}
+
+impl Watch {
+    /// A watch of a stream from `resume`; `seed` drives the backoff jitter.
+    pub fn new(mode: Mode, resume: Resume, settings: Settings, now: Instant, seed: u64) -> Watch {
+        Watch {
+            mode,
+            resume,
+            settings,
+            phase: Phase::Init,
+            acked: 0,
+            asked: (0, 0),
+            read_after: 0,
+            idle_at: None,
+            reset: None,
+            heartbeat_at: now + settings.heartbeat,
+            poll_at: now + settings.heartbeat,
+            retry_at: None,
+            failing_since: None,
+            attempt: 0,
+            rng: seed | 1,
+            outcome: None,
+            close_reason: CloseReason::ClientGone,
+        }
+    }
+
+    /// How the watch started, once (for metrics).
+    pub fn take_outcome(&mut self) -> Option<ResumeOutcome> {
+        self.outcome.take()
+    }
+
+    /// Why the watch closed (`ClientGone` while it runs).
+    pub fn close_reason(&self) -> CloseReason {
+        self.close_reason
+    }
+
+    /// The epoch and last seq written, once following.
+    pub fn position(&self) -> Option<(&str, u64)> {
+        match &self.phase {
+            Phase::Follow(c) => Some((&c.epoch, c.sent)),
+            _ => None,
+        }
+    }
+
+    /// What to do now.
+    pub fn next(&mut self, now: Instant, sub: &Subscription) -> Step {
+        match self.mode {
+            Mode::Sse => self.next_sse(now, sub),
+            Mode::Page { limit } => self.next_page(now, sub, limit),
+        }
+    }
+
+    /// The answer to [`Step::ReadMeta`].
+    pub fn on_meta(
+        &mut self,
+        now: Instant,
+        sub: &Subscription,
+        meta: Result<Option<StreamMeta>, StoreError>,
+    ) -> Step {
+        let meta = match meta {
+            Ok(m) => m,
+            Err(e) => return self.store_failed(now, sub, e),
+        };
+        self.store_ok();
+        self.acked = self.asked.0;
+        match (&self.phase, meta) {
+            (Phase::Init | Phase::Absent, None) => {
+                self.absent();
+                self.poll_at = now + self.settings.heartbeat;
+                if now >= self.settings.wait_until {
+                    return self.finish_sse(
+                        Some(error_event(
+                            "stream_not_found",
+                            "the stream does not exist (waited for it to be created)",
+                            None,
+                        )),
+                        CloseReason::NotFound,
+                    );
+                }
+            }
+            (Phase::Init, Some(m)) if at_end(&m, &self.resume) => {
+                self.phase = Phase::Done;
+                self.outcome = Some(ResumeOutcome::NoContent);
+                return Step::NoContent;
+            }
+            (Phase::Absent, Some(m)) if at_end(&m, &self.resume) => {
+                return self.finish_sse(None, CloseReason::End);
+            }
+            (Phase::Init | Phase::Absent, Some(m)) => self.begin(&m, sub),
+            // Only the phases above read metadata.
+            (Phase::Follow(_) | Phase::Done, _) => {}
+        }
+        self.next(now, sub)
+    }
+
+    /// The answer to [`Step::ReadPage`].
+    pub fn on_page(
+        &mut self,
+        now: Instant,
+        sub: &Subscription,
+        page: Result<Option<Page>, StoreError>,
+    ) -> Step {
+        let page = match page {
+            Ok(p) => p,
+            Err(e) => return self.store_failed(now, sub, e),
+        };
+        self.store_ok();
+        self.acked = self.asked.0;
+        match self.mode {
+            Mode::Sse => self.sse_page(now, sub, page),
+            Mode::Page { .. } => self.page_page(now, sub, page),
+        }
+    }
+
+    /// The stream is not there: wait for it. Its creation will be new, so
+    /// `from=live` (head 0 at subscribing) gets everything.
+    fn absent(&mut self) {
+        self.phase = Phase::Absent;
+        if self.resume == Resume::Live {
+            self.resume = Resume::Start;
+        }
+    }
+
+    /// Places the cursor in the stream `meta` describes.
+    fn begin(&mut self, meta: &StreamMeta, sub: &Subscription) {
+        let mut resume = self.resume.clone();
+        // `from=live`: the head when subscribing, if the ring knew it.
+        if resume == Resume::Live {
+            if let Some((epoch, seq)) = sub.head_at_subscribe() {
+                if epoch == meta.epoch && seq < meta.head && seq + 1 >= meta.first_seq {
+                    resume = Resume::After(EventId::new(epoch, seq));
+                }
+            }
+        }
+        let start = start(meta, &resume);
+        self.outcome = Some(match (&start.reset, &self.resume) {
+            (Some(_), _) => ResumeOutcome::Reset,
+            (None, Resume::After(_)) => ResumeOutcome::Resumed,
+            (None, _) => ResumeOutcome::FromStart,
+        });
+        self.phase = Phase::Follow(Cursor::new(meta, &start));
+        self.reset = start.reset.map(Box::new);
+        self.idle_at = None;
+    }
+
+    fn store_ok(&mut self) {
+        self.failing_since = None;
+        self.attempt = 0;
+        self.retry_at = None;
+    }
+
+    fn ask(&mut self, sub: &Subscription, step: Step) -> Step {
+        self.asked = (sub.changes(), sub.version());
+        if let Step::ReadPage { after, .. } = step {
+            self.read_after = after;
+        }
+        step
+    }
+
+    fn random(&mut self) -> f64 {
+        // xorshift64: enough for jitter, and deterministic under a seed.
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// A store call failed: back off (heartbeats continue), or give up.
+    fn store_failed(&mut self, now: Instant, sub: &Subscription, e: StoreError) -> Step {
+        if matches!(self.phase, Phase::Init) || matches!(self.mode, Mode::Page { .. }) {
+            // Nothing was sent yet: the client gets an HTTP error and retries.
+            self.phase = Phase::Done;
+            return Step::Fail(Failure::Store(e));
+        }
+        if !retryable(&e) {
+            return self.shutting_down();
+        }
+        let since = *self.failing_since.get_or_insert(now);
+        if now.duration_since(since) >= self.settings.store_retry_limit {
+            let after = store_backoff(self.attempt, 1.0).as_millis() as u64;
+            return self.finish_sse(
+                Some(error_event(
+                    "store_unavailable",
+                    "the store is unavailable; reconnect to resume",
+                    Some(after),
+                )),
+                CloseReason::StoreUnavailable,
+            );
+        }
+        let random = self.random();
+        self.retry_at = Some(now + store_backoff(self.attempt, random));
+        // Read again as soon as the backoff is over.
+        self.poll_at = now;
+        self.attempt = self.attempt.saturating_add(1);
+        self.next(now, sub)
+    }
+
+    fn finish_sse(&mut self, last: Option<Bytes>, reason: CloseReason) -> Step {
+        self.phase = Phase::Done;
+        self.close_reason = reason;
+        Step::Close { last, reason }
+    }
+
+    fn shutting_down(&mut self) -> Step {
+        if let Mode::Page { .. } = self.mode {
+            self.phase = Phase::Done;
+            return Step::Fail(Failure::ShuttingDown);
+        }
+        self.finish_sse(
+            Some(error_event(
+                "shutting_down",
+                "the server is shutting down; reconnect to resume",
+                Some(3000),
+            )),
+            CloseReason::Shutdown,
+        )
+    }
+
+    fn deleted(&mut self) -> Step {
+        self.finish_sse(
+            Some(error_event(
+                "stream_deleted",
+                "the stream was deleted",
+                None,
+            )),
+            CloseReason::Deleted,
+        )
+    }
+
+    /// A heartbeat when one is due, else wait until `until` (or an earlier deadline).
+    fn idle(&mut self, now: Instant, until: Instant) -> Step {
+        if now >= self.heartbeat_at {
+            self.heartbeat_at = now + self.settings.heartbeat;
+            return Step::Send(Bytes::from_static(b":\n"), Sent::Heartbeat);
+        }
+        let mut wake = until.min(self.heartbeat_at).min(self.settings.close_at);
+        if let Some(t) = self.settings.expires_at {
+            wake = wake.min(t);
+        }
+        Step::Wait { until: wake }
+    }
+
+    fn send(&mut self, now: Instant, bytes: Bytes, sent: Sent) -> Step {
+        self.heartbeat_at = now + self.settings.heartbeat;
+        Step::Send(bytes, sent)
+    }
+
+    fn next_sse(&mut self, now: Instant, sub: &Subscription) -> Step {
+        if let Phase::Done = self.phase {
+            return Step::Close {
+                last: None,
+                reason: self.close_reason,
+            };
+        }
+        if let Phase::Init = self.phase {
+            return self.ask(sub, Step::ReadMeta);
+        }
+        if sub.is_closed() {
+            return self.shutting_down();
+        }
+        if self.settings.expires_at.is_some_and(|t| now >= t) {
+            let payload = ErrorPayload {
+                code: "token_expired".into(),
+                message: "the token expired; reconnect with a fresh token to resume".into(),
+                retryable: false,
+                retry_after_ms: None,
+                refresh: Some(true),
+            };
+            return self.finish_sse(
+                Some(control(ERROR_EVENT, &payload)),
+                CloseReason::TokenExpired,
+            );
+        }
+        if now >= self.settings.close_at {
+            // Maximum duration: end cleanly; the client resumes with Last-Event-ID.
+            return self.finish_sse(None, CloseReason::MaxDuration);
+        }
+        if let Some(reset) = self.reset.take() {
+            return self.send(now, control(RESET_EVENT, &*reset), Sent::Control);
+        }
+        if let Some(at) = self.retry_at {
+            if now < at {
+                return self.idle(now, at);
+            }
+            self.retry_at = None;
+        }
+        let changed = sub.changes() != self.acked;
+        let page_size = self.settings.page_size;
+        let cursor = match &mut self.phase {
+            Phase::Follow(c) => c,
+            _ if changed || now >= self.settings.wait_until || now >= self.poll_at => {
+                return self.ask(sub, Step::ReadMeta);
+            }
+            _ => {
+                let until = self.settings.wait_until.min(self.poll_at);
+                return self.idle(now, until);
+            }
+        };
+        let (after, behind, epoch) = (cursor.sent, cursor.behind(), cursor.epoch.clone());
+        let read = |gap| Step::ReadPage {
+            after,
+            limit: page_size,
+            gap,
+        };
+        if changed {
+            // Created, deleted, replaced or re-synced: the store says which.
+            return self.ask(sub, read(false));
+        }
+        let ring = sub.read(&epoch, after, |batches| cursor.take_batches(batches));
+        let ended = cursor.ended;
+        match ring {
+            Ok(Some(frame)) => {
+                let sent = Sent::Events {
+                    count: frame.last_seq + 1 - frame.first_seq,
+                    from_store: false,
+                    published: frame.published,
+                };
+                if ended {
+                    self.phase = Phase::Done;
+                    self.close_reason = CloseReason::End;
+                }
+                self.send(now, frame.bytes, sent)
+            }
+            // A hole in the ring (the watcher fell behind it, or a batch
+            // never reached it): the store fills it.
+            Ok(None) | Err(RingRead::Gap) => self.ask(sub, read(true)),
+            // A batch of another creation: the store says whether ours is
+            // still current. Once it had nothing newer, read again only
+            // after something happened.
+            Err(RingRead::OtherEpoch) if self.idle_at == Some(sub.version()) => {
+                self.idle(now, self.settings.close_at)
+            }
+            Err(RingRead::OtherEpoch) => self.ask(sub, read(false)),
+            Err(RingRead::Nothing) if behind => self.ask(sub, read(false)),
+            Err(RingRead::Nothing) => self.idle(now, self.settings.close_at),
+        }
+    }
+
+    fn sse_page(&mut self, now: Instant, sub: &Subscription, page: Option<Page>) -> Step {
+        let Phase::Follow(cursor) = &mut self.phase else {
+            return self.next(now, sub);
+        };
+        let Some(page) = page.filter(|p| *p.meta.epoch == *cursor.epoch) else {
+            // Gone, or replaced by a new creation: never its events.
+            return self.deleted();
+        };
+        match cursor.take_page(&page.meta, &page.events) {
+            PageStep::Write(frame) => {
+                let sent = Sent::Events {
+                    count: frame.last_seq + 1 - frame.first_seq,
+                    from_store: true,
+                    published: None,
+                };
+                if cursor.ended {
+                    self.phase = Phase::Done;
+                    self.close_reason = CloseReason::End;
+                }
+                self.send(now, frame.bytes, sent)
+            }
+            PageStep::Nothing => {
+                // The store has nothing newer: believe it, and wait for the ring.
+                cursor.known_head = cursor.sent;
+                self.idle_at = Some(self.asked.1);
+                self.next(now, sub)
+            }
+            PageStep::Trimmed => self.finish_sse(
+                Some(error_event(
+                    "lagged_beyond_retention",
+                    "events after your position were removed by retention; reconnect to continue",
+                    Some(0),
+                )),
+                CloseReason::Lagged,
+            ),
+        }
+    }
+
+    /// The seq a page read starts after, before the stream was seen.
+    fn guess(&self) -> u64 {
+        match &self.resume {
+            Resume::After(id) => id.seq,
+            Resume::Start => 0,
+            Resume::Live => u64::MAX,
+        }
+    }
+
+    fn next_page(&mut self, now: Instant, sub: &Subscription, limit: u32) -> Step {
+        match &self.phase {
+            Phase::Done => return Step::Fail(Failure::ShuttingDown),
+            Phase::Init => {
+                let after = self.guess();
+                return self.ask(
+                    sub,
+                    Step::ReadPage {
+                        after,
+                        limit,
+                        gap: false,
+                    },
+                );
+            }
+            _ => {}
+        }
+        if sub.is_closed() {
+            return self.shutting_down();
+        }
+        let moved = sub.changes() != self.acked || sub.version() != self.asked.1;
+        match &self.phase {
+            Phase::Absent if moved => {
+                let after = self.guess();
+                self.ask(
+                    sub,
+                    Step::ReadPage {
+                        after,
+                        limit,
+                        gap: false,
+                    },
+                )
+            }
+            Phase::Absent if now >= self.settings.wait_until => {
+                self.phase = Phase::Done;
+                Step::Fail(Failure::NotFound)
+            }
+            Phase::Follow(c)
+                if moved || c.sent != self.read_after || now >= self.settings.wait_until =>
+            {
+                let after = c.sent;
+                self.ask(
+                    sub,
+                    Step::ReadPage {
+                        after,
+                        limit,
+                        gap: false,
+                    },
+                )
+            }
+            _ => Step::Wait {
+                until: self.settings.wait_until,
+            },
+        }
+    }
+
+    fn page_page(&mut self, now: Instant, sub: &Subscription, page: Option<Page>) -> Step {
+        let Some(page) = page else {
+            // Not there (yet, or any more): wait for its creation.
+            self.absent();
+            return self.next(now, sub);
+        };
+        let cursor = match &mut self.phase {
+            Phase::Follow(c) if *c.epoch == *page.meta.epoch => c,
+            _ => {
+                // First sight of this creation (a re-created stream is
+                // compared with the client's position again).
+                if matches!(self.phase, Phase::Init | Phase::Absent)
+                    && at_end(&page.meta, &self.resume)
+                {
+                    return self.respond(page.meta, Vec::new());
+                }
+                if matches!(self.phase, Phase::Follow(_)) && self.resume == Resume::Live {
+                    self.resume = Resume::Start;
+                }
+                self.begin(&page.meta, sub);
+                let Phase::Follow(c) = &mut self.phase else {
+                    return self.next(now, sub);
+                };
+                if c.sent != self.read_after {
+                    // Read again at the start point.
+                    return self.next(now, sub);
+                }
+                c
+            }
+        };
+        let fresh: Vec<StoredEvent> = page
+            .events
+            .into_iter()
+            .skip_while(|e| e.seq <= cursor.sent)
+            .collect();
+        let trimmed = match fresh.first() {
+            Some(e) => e.seq != cursor.sent + 1,
+            None => cursor.sent + 1 < page.meta.first_seq,
+        };
+        if trimmed {
+            // Retention removed events after the position while waiting:
+            // start again from the client's position, with the reset.
+            let meta = page.meta;
+            self.begin(&meta, sub);
+            return self.next(now, sub);
+        }
+        if !fresh.is_empty() || page.meta.ended() || now >= self.settings.wait_until {
+            return self.respond(page.meta, fresh);
+        }
+        self.next(now, sub)
+    }
+
+    fn respond(&mut self, meta: StreamMeta, events: Vec<StoredEvent>) -> Step {
+        let sent = match &self.phase {
+            Phase::Follow(c) => c.sent,
+            _ => meta.head,
+        };
+        let last = events.last().map_or(sent, |e| e.seq);
+        let ended = meta.ended() && last >= meta.head;
+        let next = (!ended).then(|| EventId::new(meta.epoch.clone(), last));
+        let reset = self.reset.take().map(|r| *r);
+        self.phase = Phase::Done;
+        Step::Respond(Box::new(PageAnswer {
+            meta,
+            events,
+            next,
+            reset,
+        }))
+    }
+}
+
+fn control(event: &str, payload: &impl serde::Serialize) -> Bytes {
+    let mut buf = Vec::new();
+    let data = serde_json::to_string(payload).unwrap_or_else(|_| "{}".into());
+    jobcast_protocol::encode::event(&mut buf, None, event, &data);
+    Bytes::from(buf)
+}
+
+fn error_event(code: &str, message: &str, retry_after_ms: Option<u64>) -> Bytes {
+    control(
+        ERROR_EVENT,
+        &ErrorPayload {
+            code: code.into(),
+            message: message.into(),
+            retryable: retry_after_ms.is_some(),
+            retry_after_ms,
+            refresh: None,
+        },
+    )
+}
+
 /// The delay before retry `attempt` (0-based) of a failing store read:
 /// exponential from 100 ms to 5 s, with "equal jitter" from `random` in [0, 1).
 pub fn store_backoff(attempt: u32, random: f64) -> std::time::Duration {
@@ -407,6 +1105,7 @@ mod tests {
                     let evs: Vec<StoredEvent> = (first..=committed).map(|s| ev(s, n)).collect();
                     if *in_ring.get(i % in_ring.len().max(1)).unwrap_or(&true) {
                         let b = Batch::encode(
+                            1,
                             "ep",
                             first,
                             evs.iter().map(|e| (e.event_type.as_str(), e.data.as_str())),

@@ -12,6 +12,7 @@ use jobcast_protocol::{EventId, ResetPayload};
 use tokio::time::Instant;
 
 use super::input::{self, Limits};
+use super::sse::{clock, run_reads};
 use super::streams::{refusal, replayed, unexpected};
 use super::{
     json_response, param, params, sse, stream_id, to_json, wants_sse, ApiError, AppState, Params,
@@ -19,7 +20,7 @@ use super::{
 };
 use crate::auth::Grant;
 use crate::store::{append_response_body, WriteOp, WriteOutcome, WriteRequest};
-use crate::watch::{self, Resume};
+use crate::watch::{Failure, Mode, PageAnswer, Resume, Settings, Step, Watch};
 
 /// `POST /v1/streams/{id}/events`: one event or a batch; 201 `{"first_id","last_id","count"}`.
 pub(super) async fn append(
@@ -127,7 +128,8 @@ fn wait(
     Ok(Duration::from_secs(secs).min(cap))
 }
 
-/// The JSON page of the log, long-polling with `wait`.
+/// The JSON page of the log, long-polling with `wait`: the I/O shell
+/// around [`Watch`] in page mode.
 async fn page(
     state: AppState,
     id: &str,
@@ -144,72 +146,77 @@ async fn page(
             .ok_or_else(|| ApiError::bad_request("invalid_limit", "limit is 1..1000"))?,
     };
     let wait = wait(q, Duration::ZERO, state.config.max_wait)?;
-    let mut deadline = Instant::now() + wait;
+    let now = Instant::now();
+    let mut deadline = now + wait;
     if let Some(expires) = expires {
         deadline = deadline.min(expires);
     }
     // Subscribe before reading, so an append between the read and the wait wakes us.
-    let sub = (!wait.is_zero()).then(|| state.hub.subscribe(id));
-    let mut start: Option<watch::Start> = None;
+    let sub = state.hub.subscribe(id);
+    let settings = Settings {
+        heartbeat: state.config.heartbeat,
+        close_at: deadline.into_std(),
+        wait_until: deadline.into_std(),
+        expires_at: None,
+        store_retry_limit: Duration::ZERO,
+        page_size: limit,
+    };
+    let mut w = Watch::new(Mode::Page { limit }, resume, settings, now.into_std(), 1);
+    let mut step = w.next(clock(), &sub);
     loop {
-        let notified = sub.as_ref().map(|s| s.notified());
-        let mut notified = std::pin::pin!(notified);
-        if let Some(n) = notified.as_mut().as_pin_mut() {
-            n.enable();
-        }
-        let guess = match (&start, &resume) {
-            (Some(s), _) => s.sent,
-            (None, Resume::After(id)) => id.seq,
-            (None, Resume::Start) => 0,
-            (None, Resume::Live) => u64::MAX,
-        };
-        let mut found = state.store.read(id, guess, limit).await?;
-        if let (None, Some(p)) = (&start, &found) {
-            let s = watch::start(&p.meta, &resume);
-            if s.sent != guess {
-                found = state.store.read(id, s.sent, limit).await?;
-            }
-            start = Some(s);
-        }
-        let timed_out = Instant::now() >= deadline;
-        match (found, &start) {
-            (Some(p), Some(s)) if !p.events.is_empty() || timed_out || p.meta.ended() => {
-                let ended = p.meta.ended()
-                    && p.events
-                        .last()
-                        .map_or(s.sent >= p.meta.head, |e| e.seq == p.meta.head);
-                let last = p.events.last().map_or(s.sent, |e| e.seq);
-                let next = (!ended).then(|| EventId::new(p.meta.epoch.clone(), last).to_string());
-                let events: Vec<_> = p
-                    .events
-                    .iter()
-                    .map(|e| jobcast_protocol::Event {
-                        id: EventId::new(p.meta.epoch.clone(), e.seq).to_string(),
-                        seq: e.seq,
-                        event_type: e.event_type.clone(),
-                        data: e.data.clone(),
-                        time: crate::time::rfc3339(e.time),
-                    })
-                    .collect();
-                let mut body = serde_json::json!({
-                    "events": events,
-                    "next": next,
-                    "state": p.meta.state.as_str(),
-                });
-                if let Some(reset) = &s.reset {
-                    body["reset"] =
-                        serde_json::to_value::<&ResetPayload>(reset).unwrap_or_default();
+        step = match run_reads(&state, id, &mut w, &sub, step).await {
+            Step::Respond(answer) => return Ok(page_response(&answer)),
+            Step::Fail(Failure::NotFound) => return Err(ApiError::stream_not_found(id)),
+            Step::Fail(f) => return Err(f.into()),
+            Step::Wait { .. } => {
+                // Register, ask once more, then sleep until a wake-up or the deadline.
+                let notified = sub.notified();
+                let mut notified = std::pin::pin!(notified);
+                notified.as_mut().enable();
+                match w.next(clock(), &sub) {
+                    Step::Wait { until } => {
+                        // A publish or change of this stream (or the hub closing), or the deadline.
+                        tokio::select! {
+                            _ = &mut notified => {}
+                            _ = tokio::time::sleep_until(Instant::from_std(until)) => {}
+                        }
+                        w.next(clock(), &sub)
+                    }
+                    other => other,
                 }
-                return Ok(json_response(StatusCode::OK, to_json(&body)));
             }
-            (None, _) if timed_out => return Err(ApiError::stream_not_found(id)),
-            _ => {}
-        }
-        // Nothing yet: wait for a publish, a creation, or the deadline.
-        tokio::select! {
-            _ = async { if let Some(n) = notified.as_mut().as_pin_mut() { n.await } } => {}
-            _ = tokio::time::sleep_until(deadline) => {}
-            _ = state.shutdown.cancelled() => return Err(crate::store::StoreError::Closed.into()),
-        }
+            // SSE steps do not occur in page mode.
+            other => return Err(unexpected_step(other)),
+        };
     }
+}
+
+fn unexpected_step(step: Step) -> ApiError {
+    tracing::error!(?step, "a page watch asked for an SSE step");
+    ApiError::store_unavailable()
+}
+
+/// The JSON body of a page.
+fn page_response(p: &PageAnswer) -> Response {
+    let epoch = &p.meta.epoch;
+    let events: Vec<_> = p
+        .events
+        .iter()
+        .map(|e| jobcast_protocol::Event {
+            id: EventId::new(epoch.clone(), e.seq).to_string(),
+            seq: e.seq,
+            event_type: e.event_type.clone(),
+            data: e.data.clone(),
+            time: crate::time::rfc3339(e.time),
+        })
+        .collect();
+    let mut body = serde_json::json!({
+        "events": events,
+        "next": p.next.as_ref().map(|n| n.to_string()),
+        "state": p.meta.state.as_str(),
+    });
+    if let Some(reset) = &p.reset {
+        body["reset"] = serde_json::to_value::<&ResetPayload>(reset).unwrap_or_default();
+    }
+    json_response(StatusCode::OK, to_json(&body))
 }

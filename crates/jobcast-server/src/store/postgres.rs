@@ -289,6 +289,7 @@ impl Publish {
                 epoch,
                 first_seq,
                 last_seq,
+                ..
             } => format!("{} {epoch} {first_seq} {last_seq}", group[*index].0.stream),
             Publish::Changed { stream, .. } => stream.clone(),
         }
@@ -677,7 +678,7 @@ async fn apply(
     req: &WriteRequest,
     publish: &mut Vec<Publish>,
 ) -> Result<WriteOutcome, sqlx::Error> {
-    let changed = |deleted| Publish::Changed {
+    let changed = |deleted: Option<i64>| Publish::Changed {
         stream: req.stream.clone(),
         deleted,
     };
@@ -685,7 +686,7 @@ async fn apply(
         WriteOp::Create => {
             let (meta, created) = ensure(conn, &req.stream).await?;
             if created {
-                publish.push(changed(false));
+                publish.push(changed(None));
             }
             Ok(WriteOutcome::Created { meta, created })
         }
@@ -694,13 +695,13 @@ async fn apply(
                 return Ok(WriteOutcome::Refused(Refusal::NotFound));
             };
             delete_stream(conn, meta.key).await?;
-            publish.push(changed(true));
+            publish.push(changed(Some(meta.key)));
             Ok(WriteOutcome::Deleted)
         }
         WriteOp::Append(events) => {
             let (mut meta, created) = ensure(conn, &req.stream).await?;
             if created {
-                publish.push(changed(false));
+                publish.push(changed(None));
             } else if let Some(replay) = idempotent_replay(conn, &meta, req).await? {
                 return Ok(replay);
             }
@@ -727,6 +728,7 @@ async fn apply(
             remember(conn, &meta, req, 201, &body).await?;
             publish.push(Publish::Events {
                 index,
+                key: meta.key,
                 epoch: meta.epoch.clone(),
                 first_seq,
                 last_seq,
@@ -773,6 +775,7 @@ async fn apply(
             remember(conn, &meta, req, 200, &body).await?;
             publish.push(Publish::Events {
                 index,
+                key: meta.key,
                 epoch: meta.epoch.clone(),
                 first_seq: seq_end,
                 last_seq: seq_end,
@@ -898,6 +901,7 @@ impl Listener {
                 return;
             };
             let batch = Batch::encode(
+                page.meta.key,
                 epoch,
                 first_event.seq,
                 page.events

@@ -103,12 +103,16 @@ pub(super) enum Publish {
     /// The events of request `index` of the group were committed.
     Events {
         index: usize,
+        key: i64,
         epoch: String,
         first_seq: u64,
         last_seq: u64,
     },
-    /// The stream was created or deleted (`deleted`).
-    Changed { stream: String, deleted: bool },
+    /// The stream was created, or its creation `deleted` was deleted.
+    Changed {
+        stream: String,
+        deleted: Option<i64>,
+    },
 }
 
 /// After COMMIT: publishes the committed batches to the hub (before
@@ -125,6 +129,7 @@ pub(super) fn publish_and_answer(
         match p {
             Publish::Events {
                 index,
+                key,
                 epoch,
                 first_seq,
                 ..
@@ -134,15 +139,18 @@ pub(super) fn publish_and_answer(
                 // subscribing after this check reads the store after the
                 // commit; one before gets the batch.
                 if hub.is_watched(&req.stream) {
-                    if let Some(batch) = encode(req, &epoch, first_seq) {
+                    if let Some(batch) = encode(req, key, &epoch, first_seq) {
                         hub.publish(&req.stream, Arc::new(batch));
                     }
                 }
             }
-            Publish::Changed { stream, deleted } => {
-                deleted_any |= deleted;
-                hub.changed(&stream);
-            }
+            Publish::Changed { stream, deleted } => match deleted {
+                Some(key) => {
+                    deleted_any = true;
+                    hub.deleted(&stream, key);
+                }
+                None => hub.changed(&stream),
+            },
         }
     }
     for ((_, reply), outcome) in group.drain(..).zip(outcomes) {
@@ -315,7 +323,7 @@ impl Writer {
     fn expire(&mut self) {
         let now = crate::time::now_ms();
         let (ttl, key_ttl) = (self.retention.ttl_ms, self.retention.idempotency_ttl_ms);
-        let result = (|| -> rusqlite::Result<Vec<String>> {
+        let result = (|| -> rusqlite::Result<Vec<(i64, String)>> {
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -335,7 +343,7 @@ impl Writer {
                 [now.saturating_sub(key_ttl)],
             )?;
             tx.commit()?;
-            Ok(expired.into_iter().map(|(_, id)| id).collect())
+            Ok(expired)
         })();
         match result {
             Ok(ids) => {
@@ -346,8 +354,8 @@ impl Writer {
                     );
                     self.purge_pending = true;
                 }
-                for id in ids {
-                    self.hub.changed(&id);
+                for (key, id) in ids {
+                    self.hub.deleted(&id, key);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "retention sweep failed; will retry"),
@@ -431,9 +439,10 @@ fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// Encodes a committed request's events for the hub.
-pub(super) fn encode(req: &WriteRequest, epoch: &str, first_seq: u64) -> Option<Batch> {
+pub(super) fn encode(req: &WriteRequest, key: i64, epoch: &str, first_seq: u64) -> Option<Batch> {
     match &req.op {
         WriteOp::Append(events) => Some(Batch::encode(
+            key,
             epoch,
             first_seq,
             events
@@ -442,6 +451,7 @@ pub(super) fn encode(req: &WriteRequest, epoch: &str, first_seq: u64) -> Option<
             false,
         )),
         WriteOp::End { data, .. } => Some(Batch::encode(
+            key,
             epoch,
             first_seq,
             [(END_EVENT, data.as_str())],
@@ -606,7 +616,7 @@ fn apply(
                 let meta = create(conn, &req.stream)?;
                 publish.push(Publish::Changed {
                     stream: req.stream.clone(),
-                    deleted: false,
+                    deleted: None,
                 });
                 WriteOutcome::Created {
                     meta,
@@ -621,7 +631,7 @@ fn apply(
             delete_stream(conn, meta.key)?;
             publish.push(Publish::Changed {
                 stream: req.stream.clone(),
-                deleted: true,
+                deleted: Some(meta.key),
             });
             Ok(WriteOutcome::Deleted)
         }
@@ -637,7 +647,7 @@ fn apply(
                     let meta = create(conn, &req.stream)?;
                     publish.push(Publish::Changed {
                         stream: req.stream.clone(),
-                        deleted: false,
+                        deleted: None,
                     });
                     meta
                 }
@@ -662,6 +672,7 @@ fn apply(
             remember(conn, &meta, req, 201, &body)?;
             publish.push(Publish::Events {
                 index,
+                key: meta.key,
                 epoch: meta.epoch.clone(),
                 first_seq,
                 last_seq,
@@ -703,6 +714,7 @@ fn apply(
             remember(conn, &meta, req, 200, &body)?;
             publish.push(Publish::Events {
                 index,
+                key: meta.key,
                 epoch: meta.epoch.clone(),
                 first_seq: seq,
                 last_seq: seq,
