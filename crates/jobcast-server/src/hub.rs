@@ -501,6 +501,26 @@ mod tests {
         assert_eq!(hub.watched(), vec!["s".to_string()]);
     }
 
+    /// Issue 12 item 5: the writer and the listener may publish in either
+    /// order; a late batch of a replaced creation never sets the ring back.
+    #[test]
+    fn a_late_batch_of_an_older_creation_is_dropped() {
+        let hub = Hub::new(1 << 20);
+        let sub = hub.subscribe("s");
+        let keyed =
+            |key, epoch: &str| Arc::new(Batch::encode(key, epoch, 1, [("message", "x")], false));
+        hub.publish("s", keyed(2, "new"));
+        hub.publish("s", keyed(1, "old"));
+        assert_eq!(hub.ring_head("s"), Some((Arc::from("new"), 1)));
+        assert_eq!(sub.read("new", 0, |b| b.count()), Ok(1));
+        // After a delete, its late batches are dropped too.
+        hub.deleted("s", 2);
+        hub.publish("s", keyed(2, "new"));
+        assert_eq!(hub.ring_head("s"), None);
+        hub.publish("s", keyed(3, "newer"));
+        assert_eq!(hub.ring_head("s"), Some((Arc::from("newer"), 1)));
+    }
+
     #[test]
     fn ring_is_bounded_by_bytes() {
         let hub = Hub::new(100);
