@@ -40,6 +40,11 @@ pub(super) struct FanoutArgs {
     /// Extra bytes of padding in each event's data.
     #[arg(long, default_value_t = 0)]
     payload: usize,
+    /// Watchers connect before the streams exist, asking for new events only
+    /// (`from=live`): the first append creates each stream, and every event
+    /// must still reach every watcher.
+    #[arg(long)]
+    early: bool,
 }
 
 /// What a producer did.
@@ -73,8 +78,12 @@ pub(super) async fn run(args: FanoutArgs) -> Result<()> {
     let endpoint = c.endpoint(args.watchers + args.streams + 1).await?;
     let timeout = c.timeout.unwrap_or(Duration::from_secs(120));
     let deadline = Instant::now() + timeout;
-    // Created first, so watchers attach to existing streams.
-    let streams = api.create_streams(&endpoint, "f", args.streams).await?;
+    // Created first, so watchers attach to existing streams (unless --early).
+    let streams = if args.early {
+        Api::stream_names("f", args.streams)
+    } else {
+        api.create_streams(&endpoint, "f", args.streams).await?
+    };
 
     let cancel = CancellationToken::new();
     let shared = Arc::new(Shared::new(
@@ -85,7 +94,7 @@ pub(super) async fn run(args: FanoutArgs) -> Result<()> {
     ));
     let requests: Vec<Arc<Vec<u8>>> = streams
         .iter()
-        .map(|s| Arc::new(api.subscribe_request(&endpoint.host, s)))
+        .map(|s| Arc::new(api.subscribe_request_from(&endpoint.host, s, args.early)))
         .collect();
     let plan = Plan {
         until: Some(args.events),

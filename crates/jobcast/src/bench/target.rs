@@ -47,9 +47,22 @@ impl Api {
 
     /// The whole request a watcher sends to follow `stream` from its start.
     pub(super) fn subscribe_request(&self, host: &str, stream: &str) -> Vec<u8> {
-        let path = match self.target {
-            Target::Jobcast => format!("/v1/streams/{stream}/events"),
-            Target::Nchan => format!("{}{stream}", self.nchan_sub),
+        self.subscribe_request_from(host, stream, false)
+    }
+
+    /// The subscribe request; `live_early`: the watcher connects before the
+    /// stream exists and asks for new events only (jobcast: `from=live`,
+    /// waiting for the creation; nchan's subscribers do that by default).
+    pub(super) fn subscribe_request_from(
+        &self,
+        host: &str,
+        stream: &str,
+        live_early: bool,
+    ) -> Vec<u8> {
+        let path = match (self.target, live_early) {
+            (Target::Jobcast, false) => format!("/v1/streams/{stream}/events"),
+            (Target::Jobcast, true) => format!("/v1/streams/{stream}/events?from=live&wait=600"),
+            (Target::Nchan, _) => format!("{}{stream}", self.nchan_sub),
         };
         format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n")
             .into_bytes()
@@ -79,13 +92,18 @@ impl Api {
         prefix: &str,
         n: u64,
     ) -> Result<Vec<String>> {
-        let run = super::run_id();
-        let streams: Vec<String> = (0..n).map(|s| format!("{prefix}{run}s{s}")).collect();
+        let streams = Self::stream_names(prefix, n);
         let mut conn = Conn::new(endpoint.clone(), 0);
         for s in &streams {
             self.create(&mut conn, s).await?;
         }
         Ok(streams)
+    }
+
+    /// `n` stream names `{prefix}{run}s{i}`, new for this run, not created.
+    pub(super) fn stream_names(prefix: &str, n: u64) -> Vec<String> {
+        let run = super::run_id();
+        (0..n).map(|s| format!("{prefix}{run}s{s}")).collect()
     }
 
     /// Publishes events `first..first+count` of `stream`, all stamped `t`,
