@@ -31,6 +31,24 @@ pub(super) const PURGE_CHUNK: i64 = 5000;
 /// Pause between purge steps, so purging never hogs the writer.
 const PURGE_EVERY: Duration = Duration::from_millis(50);
 
+/// Most expired streams deleted by one sweep step.
+pub(super) const SWEEP_STREAMS: i64 = 1000;
+/// Most expired idempotency keys deleted by one sweep step (one
+/// transaction), so a day of keys never holds the single writer for long.
+pub(super) const SWEEP_KEYS: i64 = 5000;
+/// Pause between sweep steps while expired rows remain.
+pub(super) const SWEEP_EVERY: Duration = Duration::from_millis(50);
+
+/// Ended streams past their TTL (`?1`: the cut-off time, `?2`: how many);
+/// found through the partial index `streams_ended`.
+const EXPIRED_STREAMS: &str =
+    "SELECT key, id FROM streams WHERE state <> 'open' AND updated_at < ?1 LIMIT ?2";
+/// Deletes idempotency keys past their TTL (`?1`: the cut-off time, `?2`:
+/// how many), found through `idempotency_created`. SQLite has no `DELETE …
+/// LIMIT` by default, and the table has no rowid: the key columns select.
+const EXPIRED_KEYS: &str = "DELETE FROM idempotency WHERE (stream_key, key) IN \
+     (SELECT stream_key, key FROM idempotency WHERE created_at < ?1 LIMIT ?2)";
+
 /// How often the checkpointer copies the WAL back into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// WAL frames (pages) past which a checkpoint may briefly block writers to
@@ -278,8 +296,15 @@ impl Writer {
     fn housekeeping(&mut self) {
         let now = Instant::now();
         if now >= self.next_sweep {
-            self.expire();
-            self.next_sweep = now + self.retention.interval;
+            let more = self.expire();
+            // A step that hit its bound leaves more behind: the next one runs
+            // soon, between groups, instead of a whole interval later.
+            self.next_sweep = now
+                + if more {
+                    SWEEP_EVERY
+                } else {
+                    self.retention.interval
+                };
         }
         if self.purge_pending && now >= self.next_purge {
             self.purge_step();
@@ -310,35 +335,37 @@ impl Writer {
         }
     }
 
-    /// Deletes ended streams past their TTL (watchers are told, as for a
-    /// delete) and idempotency keys past theirs.
-    fn expire(&mut self) {
+    /// One sweep step: deletes up to [`SWEEP_STREAMS`] ended streams past
+    /// their TTL (watchers are told, as for a delete) and up to
+    /// [`SWEEP_KEYS`] idempotency keys past theirs, in one transaction.
+    /// Whether more may remain.
+    fn expire(&mut self) -> bool {
         let now = crate::time::now_ms();
         let (ttl, key_ttl) = (self.retention.ttl_ms, self.retention.idempotency_ttl_ms);
-        let result = (|| -> rusqlite::Result<Vec<String>> {
+        let result = (|| -> rusqlite::Result<(Vec<String>, usize)> {
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
             let expired: Vec<(i64, String)> = {
-                let mut stmt = tx.prepare_cached(
-                    "SELECT key, id FROM streams WHERE state != 'open' AND updated_at < ? LIMIT 1000",
-                )?;
-                let rows =
-                    stmt.query_map([now.saturating_sub(ttl)], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let mut stmt = tx.prepare_cached(EXPIRED_STREAMS)?;
+                let rows = stmt
+                    .query_map(params![now.saturating_sub(ttl), SWEEP_STREAMS], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?;
                 rows.collect::<rusqlite::Result<_>>()?
             };
             for (key, _) in &expired {
                 delete_stream(&tx, *key)?;
             }
-            tx.execute(
-                "DELETE FROM idempotency WHERE created_at < ?",
-                [now.saturating_sub(key_ttl)],
-            )?;
+            let keys = tx
+                .prepare_cached(EXPIRED_KEYS)?
+                .execute(params![now.saturating_sub(key_ttl), SWEEP_KEYS])?;
             tx.commit()?;
-            Ok(expired.into_iter().map(|(_, id)| id).collect())
+            Ok((expired.into_iter().map(|(_, id)| id).collect(), keys))
         })();
         match result {
-            Ok(ids) => {
+            Ok((ids, keys)) => {
+                let more = ids.len() as i64 >= SWEEP_STREAMS || keys as i64 >= SWEEP_KEYS;
                 if !ids.is_empty() {
                     tracing::info!(
                         streams = ids.len(),
@@ -349,8 +376,12 @@ impl Writer {
                 for id in ids {
                     self.hub.changed(&id);
                 }
+                more
             }
-            Err(e) => tracing::warn!(error = %e, "retention sweep failed; will retry"),
+            Err(e) => {
+                tracing::warn!(error = %e, "retention sweep failed; will retry");
+                false
+            }
         }
     }
 
@@ -709,5 +740,136 @@ fn apply(
             });
             Ok(WriteOutcome::Ended { meta })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+    use sqlx::Connection as _;
+
+    const CHUNK: i64 = SWEEP_KEYS;
+
+    /// A database file with the migrations applied.
+    async fn migrated() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let opts = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true);
+        let mut conn = SqliteConnection::connect_with(&opts).await.unwrap();
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        (dir, path)
+    }
+
+    /// `EXPLAIN QUERY PLAN` of `sql`, its parameters bound to NULL, one line per step.
+    fn plan(conn: &Connection, sql: &str) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let nulls = vec![rusqlite::types::Null; stmt.parameter_count()];
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))
+            .unwrap();
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .unwrap()
+            .join("\n")
+    }
+
+    fn retention() -> Retention {
+        Retention {
+            ttl_ms: 3_600_000,
+            max_events: None,
+            idempotency_ttl_ms: 3_600_000,
+            interval: Duration::from_secs(3600),
+        }
+    }
+
+    /// The sweep runs inside the single writer's transaction: its statements
+    /// must find expired rows through an index, never by reading the table.
+    #[tokio::test]
+    async fn sweep_statements_use_indexes() {
+        let (_dir, path) = migrated().await;
+        let conn = Connection::open(&path).unwrap();
+        for (sql, index) in [
+            (EXPIRED_STREAMS, "streams_ended"),
+            (EXPIRED_KEYS, "idempotency_created"),
+        ] {
+            let plan = plan(&conn, sql);
+            assert!(
+                !plan.contains("SCAN"),
+                "{sql}\nreads a whole table:\n{plan}"
+            );
+            assert!(
+                plan.contains(&format!("USING INDEX {index} "))
+                    || plan.contains(&format!("USING COVERING INDEX {index} ")),
+                "{sql}\ndoes not use {index}:\n{plan}"
+            );
+        }
+    }
+
+    /// Expired keys go in bounded chunks, one per transaction, and the next
+    /// chunk follows soon after (not a whole retention interval later).
+    #[tokio::test]
+    async fn expired_keys_are_deleted_in_chunks() {
+        let (_dir, path) = migrated().await;
+        let mut w = Writer::open(
+            &path,
+            false,
+            Duration::from_secs(5),
+            Hub::new(1 << 20),
+            retention(),
+        )
+        .unwrap();
+        let expired = 2 * CHUNK + 2000;
+        let now = crate::time::now_ms();
+        {
+            let tx = w.conn.transaction().unwrap();
+            let mut insert = tx
+                .prepare(
+                    "INSERT INTO idempotency (stream_key, key, hash, status, body, created_at) \
+                     VALUES (1, ?, x'00', 201, '{}', ?)",
+                )
+                .unwrap();
+            for i in 0..expired {
+                insert.execute(params![format!("old-{i}"), 0]).unwrap();
+            }
+            for i in 0..10 {
+                insert.execute(params![format!("new-{i}"), now]).unwrap();
+            }
+            drop(insert);
+            tx.commit().unwrap();
+        }
+        let count = |w: &Writer| -> i64 {
+            w.conn
+                .query_row("SELECT COUNT(*) FROM idempotency", [], |r| r.get(0))
+                .unwrap()
+        };
+        // The first sweep is due at once and takes one chunk.
+        w.housekeeping();
+        assert_eq!(count(&w), expired + 10 - CHUNK);
+        // The rest follows chunk by chunk, within the hour-long interval.
+        let mut chunks = 1;
+        let mut last = count(&w);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while last > 10 {
+            assert!(
+                Instant::now() < deadline,
+                "the sweep stopped with {last} keys left"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+            w.housekeeping();
+            let n = count(&w);
+            if n != last {
+                chunks += 1;
+                assert!(last - n <= CHUNK, "one step deleted {} keys", last - n);
+                last = n;
+            }
+        }
+        assert_eq!(chunks, 3);
+        assert_eq!(count(&w), 10, "fresh keys are kept");
     }
 }
