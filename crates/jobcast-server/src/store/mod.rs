@@ -379,6 +379,19 @@ impl Store {
         }
     }
 
+    /// Stops the writer as if it had died — its thread (SQLite) or task
+    /// (PostgreSQL) really exits — and leaves reads and everything else
+    /// running: for tests of what a dead writer looks like (only with the
+    /// `test-util` feature).
+    #[cfg(feature = "test-util")]
+    pub async fn stop_writer(&self) {
+        match self {
+            Store::Sqlite(s) => s.stop_writer().await,
+            Store::Postgres(s) => s.stop_writer().await,
+            Store::Faulty(inner, _, _) => Box::pin(inner.stop_writer()).await,
+        }
+    }
+
     /// Stops the writer after it committed what is queued, and closes connections.
     pub async fn close(&self) {
         match self {

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::writer::{
-    fail_group, publish_and_answer, size_of, Publish, Reply, Retention, GROUP_MAX_BYTES,
+    fail_group, publish_and_answer, size_of, PingReply, Publish, Reply, Retention, GROUP_MAX_BYTES,
     GROUP_MAX_EVENTS, PURGE_CHUNK, SWEEP_EVERY, SWEEP_KEYS, SWEEP_STREAMS,
 };
 use super::{
@@ -65,6 +65,8 @@ const CATCH_UP_PAGES: usize = 8;
 #[derive(Debug)]
 enum Cmd {
     Write(WriteRequest, Reply),
+    /// Readiness: answer from the writer task after a `SELECT 1`.
+    Ping(PingReply),
     /// Commit what is queued before this, then stop.
     Stop,
 }
@@ -217,9 +219,18 @@ impl PgStore {
         Ok(rows.iter().map(meta_from_row).collect::<Result<_, _>>()?)
     }
 
+    /// The pool and the writer task both answer.
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.inner.pool).await?;
-        Ok(())
+        super::writer::ping(&self.inner.tx, Cmd::Ping).await
+    }
+
+    #[cfg(feature = "test-util")]
+    pub(super) async fn stop_writer(&self) {
+        let _ = self.inner.tx.send(Cmd::Stop).await;
+        if let Some(done) = self.inner.done.lock().await.take() {
+            let _ = done.await;
+        }
     }
 
     pub(super) async fn close(&self) {
@@ -320,6 +331,7 @@ struct Writer {
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         let mut group: Vec<(WriteRequest, Reply)> = Vec::new();
+        let mut pings: Vec<PingReply> = Vec::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping = false;
@@ -328,6 +340,7 @@ impl Writer {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     None | Some(Cmd::Stop) => stopping = true,
+                    Some(Cmd::Ping(reply)) => pings.push(reply),
                     Some(Cmd::Write(req, reply)) => {
                         let (mut events, mut bytes) = size_of(&req);
                         group.push((req, reply));
@@ -340,6 +353,7 @@ impl Writer {
                                     bytes += b;
                                     group.push((req, reply));
                                 }
+                                Ok(Cmd::Ping(reply)) => pings.push(reply),
                                 Ok(Cmd::Stop) => {
                                     stopping = true;
                                     break;
@@ -351,6 +365,11 @@ impl Writer {
                     }
                 },
                 _ = tick.tick() => {}
+            }
+            // After the group: the answer says this task still makes progress.
+            for reply in pings.drain(..) {
+                let alive = sqlx::query("SELECT 1").execute(&self.pool).await;
+                let _ = reply.send(alive.map(drop).map_err(StoreError::from));
             }
             if !stopping {
                 self.housekeeping().await;

@@ -72,11 +72,40 @@ pub(super) async fn submit<C>(
     rx.await.map_err(|_| StoreError::Closed)?
 }
 
+/// How long readiness waits for a writer to answer a ping.
+pub(super) const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The answer to a ping: the writer ran `SELECT 1` on its connection.
+pub(super) type PingReply = oneshot::Sender<Result<(), StoreError>>;
+
+/// Asks a backend's writer (`wrap` builds its command) to answer from its
+/// own thread or task, through the same queue as writes: a writer that is
+/// gone, or that does not answer within [`PING_TIMEOUT`], is unavailable.
+pub(super) async fn ping<C>(
+    tx: &mpsc::Sender<C>,
+    wrap: fn(PingReply) -> C,
+) -> Result<(), StoreError> {
+    let gone = || StoreError::Unavailable("the store's writer is not running".into());
+    let asked = async {
+        let (reply, rx) = oneshot::channel();
+        tx.send(wrap(reply)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    };
+    match tokio::time::timeout(PING_TIMEOUT, asked).await {
+        Ok(answer) => answer,
+        Err(_) => Err(StoreError::Unavailable(
+            format!("the store's writer did not answer within {PING_TIMEOUT:?}").into(),
+        )),
+    }
+}
+
 /// What the writer thread is sent.
 #[derive(Debug)]
 pub(super) enum Cmd {
     /// A write and where to answer it.
     Write(WriteRequest, Reply),
+    /// Readiness: answer after a `SELECT 1` on the write connection.
+    Ping(PingReply),
     /// Time passed: run housekeeping that is due.
     Tick,
     /// Commit what is queued before this, then stop.
@@ -246,6 +275,7 @@ impl Writer {
     /// groups and run housekeeping when it is due.
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         let mut group: Vec<(WriteRequest, Reply)> = Vec::new();
+        let mut pings: Vec<PingReply> = Vec::new();
         let mut stopping = false;
         while !stopping {
             let Some(first) = rx.blocking_recv() else {
@@ -254,6 +284,7 @@ impl Writer {
             match first {
                 Cmd::Tick => {}
                 Cmd::Stop => stopping = true,
+                Cmd::Ping(reply) => pings.push(reply),
                 Cmd::Write(req, reply) => {
                     let (mut events, mut bytes) = size_of(&req);
                     group.push((req, reply));
@@ -267,6 +298,7 @@ impl Writer {
                                 group.push((req, reply));
                             }
                             Ok(Cmd::Tick) => {}
+                            Ok(Cmd::Ping(reply)) => pings.push(reply),
                             Ok(Cmd::Stop) => {
                                 stopping = true;
                                 break;
@@ -276,6 +308,11 @@ impl Writer {
                     }
                     self.commit_group(&mut group);
                 }
+            }
+            // After the group: the answer says this thread still makes progress.
+            for reply in pings.drain(..) {
+                let alive = self.conn.query_row("SELECT 1", [], |_| Ok(()));
+                let _ = reply.send(alive.map_err(unavailable));
             }
             // Also between groups, so steady writes cannot starve housekeeping.
             self.housekeeping();
