@@ -831,9 +831,15 @@ mod tests {
     async fn sweep_statements_use_indexes() {
         let (_dir, path) = migrated().await;
         let conn = Connection::open(&path).unwrap();
-        for (sql, index) in [
-            (EXPIRED_STREAMS, "streams_ended"),
-            (EXPIRED_KEYS, "idempotency_created"),
+        for (sql, index, point) in [
+            (EXPIRED_STREAMS, "streams_ended", None),
+            // Each selected key is then deleted by its whole primary key
+            // (older SQLite used only `stream_key`: every key of the stream).
+            (
+                EXPIRED_KEYS,
+                "idempotency_created",
+                Some("SEARCH idempotency USING PRIMARY KEY (stream_key=? AND key=?)"),
+            ),
         ] {
             let plan = plan(&conn, sql);
             assert!(
@@ -845,6 +851,9 @@ mod tests {
                     || plan.contains(&format!("USING COVERING INDEX {index} ")),
                 "{sql}\ndoes not use {index}:\n{plan}"
             );
+            if let Some(point) = point {
+                assert!(plan.contains(point), "{sql}\nis not `{point}`:\n{plan}");
+            }
         }
     }
 
