@@ -65,7 +65,8 @@ impl Jobcast {
     }
 
     /// Like [`Jobcast::open`], with a store that fails on command: for
-    /// tests of store outages.
+    /// tests of store outages (only with the `test-util` feature).
+    #[cfg(feature = "test-util")]
     pub async fn open_with_faults(
         config: Config,
     ) -> Result<(Jobcast, store::FaultSwitch), StoreError> {

@@ -213,6 +213,62 @@ async fn appends_answer_their_id_range_and_seqs_are_dense() {
     );
 }
 
+/// Compact JSON has non-ASCII as UTF-8 (SPEC, Details), whatever the
+/// producer's encoder escaped: `\u00e9` is stored as `é`, a surrogate pair
+/// as one character. Escapes JSON needs stay (in their short form), numbers
+/// and member order stay exactly as written. A lone surrogate stands for no
+/// character: 400, as it already is in string data.
+#[tokio::test]
+async fn escaped_non_ascii_is_stored_as_utf8() {
+    let s = TestServer::start().await;
+    let (status, v) = s
+        .post("/v1/streams/u/events", r#"{"data":{"name":"caf\u00e9"}}"#)
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let body = r#"[
+        {"data": {"smile": "\ud83d\ude00", "A": "\u0041\u00C9", "z": 1.0, "big": 1e400}},
+        {"data": ["\u0022 \" \\ \u005c \/ \u002f", "\n \u000a \u000A \t \u0009 \u0001 \u001F \b \f \u007f"]},
+        {"data": {"\u00e9": -0, "\u00e9": 2E+3}}
+    ]"#;
+    let (status, v) = s.post("/v1/streams/u/events", body).await;
+    assert_eq!(status, 201, "{v}");
+    let p = page(&s, "u").await;
+    assert_eq!(
+        datas(&p),
+        [
+            r#"{"name":"café"}"#,
+            r#"{"smile":"😀","A":"AÉ","z":1.0,"big":1e400}"#,
+            "[\"\\\" \\\" \\\\ \\\\ / /\",\"\\n \\n \\n \\t \\t \\u0001 \\u001f \\b \\f \u{7f}\"]",
+            r#"{"é":-0,"é":2E+3}"#,
+        ]
+    );
+    // Over SSE too: the bytes on the wire are UTF-8.
+    let mut w = s.watch("u", "", None).await;
+    assert_eq!(w.next_event(T).await.unwrap().data, r#"{"name":"café"}"#);
+    // A lone surrogate cannot be UTF-8: refused, nothing appended.
+    for bad in [
+        r#"{"data":{"x":"\ud800"}}"#,
+        r#"{"data":["\udc00"]}"#,
+        r#"{"data":{"x":"\ud83d\u0041"}}"#,
+    ] {
+        let (status, v) = s.post("/v1/streams/u/events", bad).await;
+        assert_eq!(
+            (status, &v["error"]["code"]),
+            (400, &"invalid_json".into()),
+            "{bad}: {v}"
+        );
+    }
+    let (status, v) = s
+        .post("/v1/streams/u/complete", r#"{"data":{"x":"\udfff"}}"#)
+        .await;
+    assert_eq!(
+        (status, &v["error"]["code"]),
+        (400, &"invalid_json".into()),
+        "{v}"
+    );
+    assert_eq!(s.meta("u").await["events"], 4);
+}
+
 #[tokio::test]
 async fn data_is_a_string_as_is_or_compact_json() {
     let s = TestServer::start().await;

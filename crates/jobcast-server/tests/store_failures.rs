@@ -4,6 +4,7 @@
 //! not need it keep being served; after recovery nothing is missing.
 
 mod common;
+mod pg;
 
 use std::time::Duration;
 
@@ -127,4 +128,44 @@ async fn real_outage_write_lock_held_by_another_connection() {
     let rest = watcher.collect(T).await;
     assert_eq!(rest.iter().map(seq_of).collect::<Vec<_>>(), vec![2, 3]);
     assert_eq!(rest[0].data, "two", "the failed batch left nothing behind");
+}
+
+/// `/readyz` asks the writer too. The writer really stops (its thread on
+/// SQLite, its task on PostgreSQL, exits) while the HTTP server and the read
+/// pool keep serving: ready turns into 503 with the JSON error body, live
+/// stays 200, and reads still answer.
+#[tokio::test]
+async fn readyz_is_503_when_the_writer_is_gone() {
+    let db = pg::Database::create().await;
+    for url in [None, Some(db.url())] {
+        let backend = if url.is_some() { "postgres" } else { "sqlite" };
+        let s = TestServer::start_with(|c| {
+            if let Some(url) = url {
+                c.db = url;
+            }
+        })
+        .await;
+        s.append("r", "before").await;
+        let (status, body) = s.get_json("/readyz").await;
+        assert_eq!(
+            (status, &body["status"]),
+            (200, &"ready".into()),
+            "{backend}"
+        );
+
+        s.server.state().store.stop_writer().await;
+
+        let (status, body) = s.get_json("/readyz").await;
+        assert_eq!(status, 503, "{backend}: {body}");
+        assert_eq!(
+            body["error"]["code"], "store_unavailable",
+            "{backend}: {body}"
+        );
+        assert!(body["error"]["message"].is_string(), "{backend}: {body}");
+        let (status, body) = s.get_json("/healthz").await;
+        assert_eq!(status, 200, "{backend}: {body}");
+        // Reads do not need the writer.
+        assert_eq!(s.meta("r").await["events"], 1, "{backend}");
+        s.stop().await;
+    }
 }

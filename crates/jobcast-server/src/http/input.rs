@@ -91,6 +91,15 @@ fn reject_unknown(members: &Members<'_>, known: &[&str]) -> Result<(), ApiError>
     }
 }
 
+/// Any other value than a string, as compact JSON (non-ASCII as UTF-8); a
+/// lone surrogate escape has no UTF-8 form: 400 `invalid_json`, as serde_json
+/// answers for one in a string.
+fn compact_json(raw: &RawValue) -> Result<String, ApiError> {
+    compact(raw.get()).map_err(|e| {
+        ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+    })
+}
+
 /// The data of an event as stored: a JSON string as is, any other value as
 /// compact JSON.
 fn data_text(raw: &RawValue) -> Result<String, ApiError> {
@@ -98,7 +107,7 @@ fn data_text(raw: &RawValue) -> Result<String, ApiError> {
     if text.starts_with('"') {
         serde_json::from_str::<String>(text).map_err(invalid_json)
     } else {
-        Ok(compact(text))
+        compact_json(raw)
     }
 }
 
@@ -227,7 +236,10 @@ pub fn parse_complete(body: &[u8], limits: Limits) -> Result<String, ApiError> {
         None => None,
         Some(members) => {
             reject_unknown(&members, &["data"])?;
-            members.get("data").map(|raw| compact(raw.get()))
+            members
+                .get("data")
+                .map(|raw| compact_json(raw))
+                .transpose()?
         }
     };
     let text = match data {
@@ -308,6 +320,8 @@ mod tests {
         assert_eq!(many[0].data, r#"{"b":1,"a":[1,2.50]}"#);
         assert_eq!(many[1].data, "null");
         assert_eq!(many[2].data, "é\n");
+        let escaped = parse_append(br#"{"data":{"name":"caf\u00e9"}}"#, L).unwrap();
+        assert_eq!(escaped[0].data, r#"{"name":"café"}"#);
     }
 
     #[test]
@@ -346,6 +360,19 @@ mod tests {
         let big = format!(r#"{{"data":"{}"}}"#, "x".repeat(65));
         assert_eq!(code(parse_append(big.as_bytes(), L)), "event_too_large");
         assert!(parse_append(br#"{"type":"Jobcast.x","data":1}"#, L).is_ok());
+        // A lone surrogate has no UTF-8 form, in a string or inside a value.
+        assert_eq!(
+            code(parse_append(br#"{"data":"\ud800"}"#, L)),
+            "invalid_json"
+        );
+        assert_eq!(
+            code(parse_append(br#"{"data":["\ud800"]}"#, L)),
+            "invalid_json"
+        );
+        assert_eq!(
+            code(parse_complete(br#"{"data":{"\udc00":1}}"#, L)),
+            "invalid_json"
+        );
     }
 
     #[test]

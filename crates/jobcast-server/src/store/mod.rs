@@ -14,7 +14,9 @@ mod writer;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
+#[cfg(feature = "test-util")]
 use std::sync::atomic::{AtomicBool, Ordering};
+#[cfg(feature = "test-util")]
 use std::sync::Arc;
 
 use jobcast_protocol::{EventId, StreamState};
@@ -245,10 +247,13 @@ pub struct ListQuery {
 }
 
 /// Makes a [`Store::Faulty`] fail every call while set: for outage tests
-/// (a real outage is provoked too; see the robustness tests).
+/// (a real outage is provoked too; see the robustness tests). Only with the
+/// `test-util` feature.
+#[cfg(feature = "test-util")]
 #[derive(Debug, Clone, Default)]
 pub struct FaultSwitch(Arc<AtomicBool>);
 
+#[cfg(feature = "test-util")]
 impl FaultSwitch {
     /// Starts (true) or ends (false) the outage.
     pub fn set_failing(&self, failing: bool) {
@@ -271,7 +276,9 @@ pub enum Store {
     Sqlite(SqliteStore),
     /// PostgreSQL, for several nodes on one database.
     Postgres(PgStore),
-    /// Another store whose calls fail while its switch is on.
+    /// Another store whose calls fail while its switch is on (only with the
+    /// `test-util` feature).
+    #[cfg(feature = "test-util")]
     Faulty(Box<Store>, FaultSwitch, Metrics),
 }
 
@@ -290,10 +297,13 @@ impl Store {
         }
     }
 
-    /// Wraps this store so that it fails on command.
+    /// Wraps this store so that it fails on command (only with the
+    /// `test-util` feature).
+    #[cfg(feature = "test-util")]
     pub fn with_faults(self, metrics: Metrics) -> (Store, FaultSwitch) {
         let switch = FaultSwitch::default();
         (
+            #[cfg(feature = "test-util")]
             Store::Faulty(Box::new(self), switch.clone(), metrics),
             switch,
         )
@@ -304,6 +314,7 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.metrics().counted(s.write(req).await),
             Store::Postgres(s) => s.metrics().counted(s.write(req).await),
+            #[cfg(feature = "test-util")]
             Store::Faulty(inner, switch, m) => {
                 switch.check(m)?;
                 Box::pin(inner.write(req)).await
@@ -316,6 +327,7 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.metrics().counted(s.meta(stream).await),
             Store::Postgres(s) => s.metrics().counted(s.meta(stream).await),
+            #[cfg(feature = "test-util")]
             Store::Faulty(inner, switch, m) => {
                 switch.check(m)?;
                 Box::pin(inner.meta(stream)).await
@@ -333,6 +345,7 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.metrics().counted(s.read(stream, after, limit).await),
             Store::Postgres(s) => s.metrics().counted(s.read(stream, after, limit).await),
+            #[cfg(feature = "test-util")]
             Store::Faulty(inner, switch, m) => {
                 switch.check(m)?;
                 Box::pin(inner.read(stream, after, limit)).await
@@ -345,6 +358,7 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.metrics().counted(s.list(q).await),
             Store::Postgres(s) => s.metrics().counted(s.list(q).await),
+            #[cfg(feature = "test-util")]
             Store::Faulty(inner, switch, m) => {
                 switch.check(m)?;
                 Box::pin(inner.list(q)).await
@@ -357,10 +371,24 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.metrics().counted(s.ping().await),
             Store::Postgres(s) => s.metrics().counted(s.ping().await),
+            #[cfg(feature = "test-util")]
             Store::Faulty(inner, switch, m) => {
                 switch.check(m)?;
                 Box::pin(inner.ping()).await
             }
+        }
+    }
+
+    /// Stops the writer as if it had died — its thread (SQLite) or task
+    /// (PostgreSQL) really exits — and leaves reads and everything else
+    /// running: for tests of what a dead writer looks like (only with the
+    /// `test-util` feature).
+    #[cfg(feature = "test-util")]
+    pub async fn stop_writer(&self) {
+        match self {
+            Store::Sqlite(s) => s.stop_writer().await,
+            Store::Postgres(s) => s.stop_writer().await,
+            Store::Faulty(inner, _, _) => Box::pin(inner.stop_writer()).await,
         }
     }
 
@@ -369,6 +397,7 @@ impl Store {
         match self {
             Store::Sqlite(s) => s.close().await,
             Store::Postgres(s) => s.close().await,
+            #[cfg(feature = "test-util")]
             Store::Faulty(inner, _, _) => Box::pin(inner.close()).await,
         }
     }

@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::writer::{
-    fail_group, publish_and_answer, size_of, Publish, Reply, Retention, GROUP_MAX_BYTES,
-    GROUP_MAX_EVENTS, PURGE_CHUNK,
+    fail_group, publish_and_answer, size_of, PingReply, Publish, Reply, Retention, GROUP_MAX_BYTES,
+    GROUP_MAX_EVENTS, PURGE_CHUNK, SWEEP_EVERY, SWEEP_KEYS, SWEEP_STREAMS,
 };
 use super::{
     append_response_body, ListQuery, Page, Refusal, StoreError, StoredEvent, StreamMeta, WriteOp,
@@ -65,6 +65,8 @@ const CATCH_UP_PAGES: usize = 8;
 #[derive(Debug)]
 enum Cmd {
     Write(WriteRequest, Reply),
+    /// Readiness: answer from the writer task after a `SELECT 1`.
+    Ping(PingReply),
     /// Commit what is queued before this, then stop.
     Stop,
 }
@@ -217,9 +219,18 @@ impl PgStore {
         Ok(rows.iter().map(meta_from_row).collect::<Result<_, _>>()?)
     }
 
+    /// The pool and the writer task both answer.
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.inner.pool).await?;
-        Ok(())
+        super::writer::ping(&self.inner.tx, Cmd::Ping).await
+    }
+
+    #[cfg(feature = "test-util")]
+    pub(super) async fn stop_writer(&self) {
+        let _ = self.inner.tx.send(Cmd::Stop).await;
+        if let Some(done) = self.inner.done.lock().await.take() {
+            let _ = done.await;
+        }
     }
 
     pub(super) async fn close(&self) {
@@ -321,6 +332,7 @@ struct Writer {
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         let mut group: Vec<(WriteRequest, Reply)> = Vec::new();
+        let mut pings: Vec<PingReply> = Vec::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping = false;
@@ -329,6 +341,7 @@ impl Writer {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     None | Some(Cmd::Stop) => stopping = true,
+                    Some(Cmd::Ping(reply)) => pings.push(reply),
                     Some(Cmd::Write(req, reply)) => {
                         let (mut events, mut bytes) = size_of(&req);
                         group.push((req, reply));
@@ -341,6 +354,7 @@ impl Writer {
                                     bytes += b;
                                     group.push((req, reply));
                                 }
+                                Ok(Cmd::Ping(reply)) => pings.push(reply),
                                 Ok(Cmd::Stop) => {
                                     stopping = true;
                                     break;
@@ -352,6 +366,11 @@ impl Writer {
                     }
                 },
                 _ = tick.tick() => {}
+            }
+            // After the group: the answer says this task still makes progress.
+            for reply in pings.drain(..) {
+                let alive = sqlx::query("SELECT 1").execute(&self.pool).await;
+                let _ = reply.send(alive.map(drop).map_err(StoreError::from));
             }
             if !stopping {
                 self.housekeeping().await;
@@ -425,10 +444,21 @@ impl Writer {
     async fn housekeeping(&mut self) {
         let now = Instant::now();
         if now >= self.next_sweep {
-            if let Err(e) = self.expire().await {
-                tracing::warn!(error = %e, "retention sweep failed; will retry");
-            }
-            self.next_sweep = now + self.retention.interval;
+            let more = match self.expire().await {
+                Ok(more) => more,
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention sweep failed; will retry");
+                    false
+                }
+            };
+            // A step that hit its bound leaves more behind: the next one runs
+            // soon, between groups, instead of a whole interval later.
+            self.next_sweep = now
+                + if more {
+                    SWEEP_EVERY
+                } else {
+                    self.retention.interval
+                };
         }
         if self.purge_pending && now >= self.next_purge {
             match self.purge_step().await {
@@ -441,16 +471,18 @@ impl Writer {
         }
     }
 
-    /// Deletes ended streams past their TTL (watchers on every node are told,
-    /// as for a delete) and idempotency keys past theirs. Nodes sweep
-    /// concurrently; rows another node is sweeping are skipped.
-    async fn expire(&mut self) -> Result<(), sqlx::Error> {
+    /// One sweep step: deletes up to [`SWEEP_STREAMS`] ended streams past
+    /// their TTL (watchers on every node are told, as for a delete) and up to
+    /// [`SWEEP_KEYS`] idempotency keys past theirs, in one transaction.
+    /// Nodes sweep concurrently; rows another node is sweeping are skipped.
+    /// Whether more may remain.
+    async fn expire(&mut self) -> Result<bool, sqlx::Error> {
         let now = crate::time::now_ms();
         let mut tx = self.pool.begin().await?;
         let ids: Vec<String> = sqlx::query_scalar(
             "WITH expired AS ( \
                  SELECT key FROM streams WHERE state <> 'open' AND updated_at < $1 \
-                 ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED), \
+                 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED), \
              gone AS (DELETE FROM streams s USING expired e WHERE s.key = e.key \
                       RETURNING s.key, s.id), \
              queued AS (INSERT INTO purge (stream_key) SELECT key FROM gone \
@@ -458,6 +490,7 @@ impl Writer {
              SELECT id FROM gone",
         )
         .bind(now.saturating_sub(self.retention.ttl_ms))
+        .bind(SWEEP_STREAMS)
         .fetch_all(&mut *tx)
         .await?;
         if !ids.is_empty() {
@@ -467,11 +500,18 @@ impl Writer {
                 .execute(&mut *tx)
                 .await?;
         }
-        sqlx::query("DELETE FROM idempotency WHERE created_at < $1")
-            .bind(now.saturating_sub(self.retention.idempotency_ttl_ms))
-            .execute(&mut *tx)
-            .await?;
+        let keys = sqlx::query(
+            "DELETE FROM idempotency WHERE (stream_key, key) IN ( \
+                 SELECT stream_key, key FROM idempotency WHERE created_at < $1 \
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(now.saturating_sub(self.retention.idempotency_ttl_ms))
+        .bind(SWEEP_KEYS)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         tx.commit().await?;
+        let more = ids.len() as i64 >= SWEEP_STREAMS || keys as i64 >= SWEEP_KEYS;
         if !ids.is_empty() {
             tracing::info!(
                 streams = ids.len(),
@@ -482,7 +522,7 @@ impl Writer {
         for id in ids {
             self.hub.changed(&id);
         }
-        Ok(())
+        Ok(more)
     }
 
     /// Removes one chunk of a deleted stream's events; whether more may remain.
@@ -915,5 +955,132 @@ impl Listener {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::{Connection as _, Executor as _};
+
+    const CHUNK: i64 = SWEEP_KEYS;
+
+    fn server() -> String {
+        std::env::var("JOBCAST_TEST_PG")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    }
+
+    /// A fresh database on `JOBCAST_TEST_PG` (default: the local server),
+    /// dropped with its connections when this is dropped.
+    struct Database(String);
+
+    impl Database {
+        /// Creates and migrates it; a pool on it.
+        async fn create() -> (Database, PgPool) {
+            let name = format!("jobcast_u_{:016x}", rand::random::<u64>());
+            let mut admin = PgConnection::connect(&format!("{}/postgres", server()))
+                .await
+                .expect("PostgreSQL must run for these tests (scripts/test starts it)");
+            admin
+                .execute(format!("CREATE DATABASE {name}").as_str())
+                .await
+                .unwrap();
+            admin.close().await.unwrap();
+            let db = Database(name);
+            let pool = PgPool::connect(&format!("{}/{}", server(), db.0))
+                .await
+                .unwrap();
+            sqlx::migrate!("./migrations/postgres")
+                .run(&pool)
+                .await
+                .unwrap();
+            (db, pool)
+        }
+    }
+
+    impl Drop for Database {
+        fn drop(&mut self) {
+            let name = self.0.clone();
+            // Drop runs inside the test's runtime: a thread with its own.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    if let Ok(mut admin) =
+                        PgConnection::connect(&format!("{}/postgres", server())).await
+                    {
+                        let _ = admin
+                            .execute(
+                                format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str(),
+                            )
+                            .await;
+                    }
+                })
+            })
+            .join();
+        }
+    }
+
+    /// Expired keys go in bounded chunks, one per transaction, and the next
+    /// chunk follows soon after (not a whole retention interval later).
+    #[tokio::test]
+    async fn expired_keys_are_deleted_in_chunks() {
+        let (_db, pool) = Database::create().await;
+        let expired = 2 * CHUNK + 2000;
+        sqlx::query(
+            "INSERT INTO idempotency (stream_key, key, hash, status, body, created_at) \
+             SELECT 1, 'old-' || i, '\\x00'::bytea, 201, '{}', 0 FROM generate_series(1, $1) AS i \
+             UNION ALL \
+             SELECT 1, 'new-' || i, '\\x00'::bytea, 201, '{}', $2 FROM generate_series(1, 10) AS i",
+        )
+        .bind(expired)
+        .bind(crate::time::now_ms())
+        .execute(&pool)
+        .await
+        .unwrap();
+        let mut w = Writer {
+            pool: pool.clone(),
+            hub: Hub::new(1 << 20),
+            retention: Retention {
+                ttl_ms: 3_600_000,
+                max_events: None,
+                idempotency_ttl_ms: 3_600_000,
+                interval: Duration::from_secs(3600),
+            },
+            purge_pending: false,
+            next_sweep: Instant::now(),
+            next_purge: Instant::now(),
+        };
+        let count = || async {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM idempotency")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        };
+        // The first sweep is due at once and takes one chunk.
+        w.housekeeping().await;
+        assert_eq!(count().await, expired + 10 - CHUNK);
+        // The rest follows chunk by chunk, within the hour-long interval.
+        let mut chunks = 1;
+        let mut last = count().await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while last > 10 {
+            assert!(
+                Instant::now() < deadline,
+                "the sweep stopped with {last} keys left"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            w.housekeeping().await;
+            let n = count().await;
+            if n != last {
+                chunks += 1;
+                assert!(last - n <= CHUNK, "one step deleted {} keys", last - n);
+                last = n;
+            }
+        }
+        assert_eq!(chunks, 3);
+        assert_eq!(count().await, 10, "fresh keys are kept");
     }
 }

@@ -222,9 +222,18 @@ impl SqliteStore {
         Ok(rows.iter().map(meta_from_row).collect::<Result<_, _>>()?)
     }
 
+    /// The read pool and the writer thread both answer.
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.inner.pool).await?;
-        Ok(())
+        super::writer::ping(&self.inner.tx, Cmd::Ping).await
+    }
+
+    #[cfg(feature = "test-util")]
+    pub(super) async fn stop_writer(&self) {
+        let _ = self.inner.tx.send(Cmd::Stop).await;
+        if let Some(done) = self.inner.done.lock().await.take() {
+            let _ = done.await;
+        }
     }
 
     pub(super) async fn close(&self) {

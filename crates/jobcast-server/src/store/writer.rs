@@ -31,6 +31,24 @@ pub(super) const PURGE_CHUNK: i64 = 5000;
 /// Pause between purge steps, so purging never hogs the writer.
 const PURGE_EVERY: Duration = Duration::from_millis(50);
 
+/// Most expired streams deleted by one sweep step.
+pub(super) const SWEEP_STREAMS: i64 = 1000;
+/// Most expired idempotency keys deleted by one sweep step (one
+/// transaction), so a day of keys never holds the single writer for long.
+pub(super) const SWEEP_KEYS: i64 = 5000;
+/// Pause between sweep steps while expired rows remain.
+pub(super) const SWEEP_EVERY: Duration = Duration::from_millis(50);
+
+/// Ended streams past their TTL (`?1`: the cut-off time, `?2`: how many);
+/// found through the partial index `streams_ended`.
+const EXPIRED_STREAMS: &str =
+    "SELECT key, id FROM streams WHERE state <> 'open' AND updated_at < ?1 LIMIT ?2";
+/// Deletes idempotency keys past their TTL (`?1`: the cut-off time, `?2`:
+/// how many), found through `idempotency_created`. SQLite has no `DELETE …
+/// LIMIT` by default, and the table has no rowid: the key columns select.
+const EXPIRED_KEYS: &str = "DELETE FROM idempotency WHERE (stream_key, key) IN \
+     (SELECT stream_key, key FROM idempotency WHERE created_at < ?1 LIMIT ?2)";
+
 /// How often the checkpointer copies the WAL back into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// WAL frames (pages) past which a checkpoint may briefly block writers to
@@ -54,11 +72,40 @@ pub(super) async fn submit<C>(
     rx.await.map_err(|_| StoreError::Closed)?
 }
 
+/// How long readiness waits for a writer to answer a ping.
+pub(super) const PING_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The answer to a ping: the writer ran `SELECT 1` on its connection.
+pub(super) type PingReply = oneshot::Sender<Result<(), StoreError>>;
+
+/// Asks a backend's writer (`wrap` builds its command) to answer from its
+/// own thread or task, through the same queue as writes: a writer that is
+/// gone, or that does not answer within [`PING_TIMEOUT`], is unavailable.
+pub(super) async fn ping<C>(
+    tx: &mpsc::Sender<C>,
+    wrap: fn(PingReply) -> C,
+) -> Result<(), StoreError> {
+    let gone = || StoreError::Unavailable("the store's writer is not running".into());
+    let asked = async {
+        let (reply, rx) = oneshot::channel();
+        tx.send(wrap(reply)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    };
+    match tokio::time::timeout(PING_TIMEOUT, asked).await {
+        Ok(answer) => answer,
+        Err(_) => Err(StoreError::Unavailable(
+            format!("the store's writer did not answer within {PING_TIMEOUT:?}").into(),
+        )),
+    }
+}
+
 /// What the writer thread is sent.
 #[derive(Debug)]
 pub(super) enum Cmd {
     /// A write and where to answer it.
     Write(WriteRequest, Reply),
+    /// Readiness: answer after a `SELECT 1` on the write connection.
+    Ping(PingReply),
     /// Time passed: run housekeeping that is due.
     Tick,
     /// Commit what is queued before this, then stop.
@@ -236,6 +283,7 @@ impl Writer {
     /// groups and run housekeeping when it is due.
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         let mut group: Vec<(WriteRequest, Reply)> = Vec::new();
+        let mut pings: Vec<PingReply> = Vec::new();
         let mut stopping = false;
         while !stopping {
             let Some(first) = rx.blocking_recv() else {
@@ -244,6 +292,7 @@ impl Writer {
             match first {
                 Cmd::Tick => {}
                 Cmd::Stop => stopping = true,
+                Cmd::Ping(reply) => pings.push(reply),
                 Cmd::Write(req, reply) => {
                     let (mut events, mut bytes) = size_of(&req);
                     group.push((req, reply));
@@ -257,6 +306,7 @@ impl Writer {
                                 group.push((req, reply));
                             }
                             Ok(Cmd::Tick) => {}
+                            Ok(Cmd::Ping(reply)) => pings.push(reply),
                             Ok(Cmd::Stop) => {
                                 stopping = true;
                                 break;
@@ -266,6 +316,11 @@ impl Writer {
                     }
                     self.commit_group(&mut group);
                 }
+            }
+            // After the group: the answer says this thread still makes progress.
+            for reply in pings.drain(..) {
+                let alive = self.conn.query_row("SELECT 1", [], |_| Ok(()));
+                let _ = reply.send(alive.map_err(unavailable));
             }
             // Also between groups, so steady writes cannot starve housekeeping.
             self.housekeeping();
@@ -286,8 +341,15 @@ impl Writer {
     fn housekeeping(&mut self) {
         let now = Instant::now();
         if now >= self.next_sweep {
-            self.expire();
-            self.next_sweep = now + self.retention.interval;
+            let more = self.expire();
+            // A step that hit its bound leaves more behind: the next one runs
+            // soon, between groups, instead of a whole interval later.
+            self.next_sweep = now
+                + if more {
+                    SWEEP_EVERY
+                } else {
+                    self.retention.interval
+                };
         }
         if self.purge_pending && now >= self.next_purge {
             self.purge_step();
@@ -318,35 +380,37 @@ impl Writer {
         }
     }
 
-    /// Deletes ended streams past their TTL (watchers are told, as for a
-    /// delete) and idempotency keys past theirs.
-    fn expire(&mut self) {
+    /// One sweep step: deletes up to [`SWEEP_STREAMS`] ended streams past
+    /// their TTL (watchers are told, as for a delete) and up to
+    /// [`SWEEP_KEYS`] idempotency keys past theirs, in one transaction.
+    /// Whether more may remain.
+    fn expire(&mut self) -> bool {
         let now = crate::time::now_ms();
         let (ttl, key_ttl) = (self.retention.ttl_ms, self.retention.idempotency_ttl_ms);
-        let result = (|| -> rusqlite::Result<Vec<(i64, String)>> {
+        let result = (|| -> rusqlite::Result<(Vec<(i64, String)>, usize)> {
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
             let expired: Vec<(i64, String)> = {
-                let mut stmt = tx.prepare_cached(
-                    "SELECT key, id FROM streams WHERE state != 'open' AND updated_at < ? LIMIT 1000",
-                )?;
-                let rows =
-                    stmt.query_map([now.saturating_sub(ttl)], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                let mut stmt = tx.prepare_cached(EXPIRED_STREAMS)?;
+                let rows = stmt
+                    .query_map(params![now.saturating_sub(ttl), SWEEP_STREAMS], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?;
                 rows.collect::<rusqlite::Result<_>>()?
             };
             for (key, _) in &expired {
                 delete_stream(&tx, *key)?;
             }
-            tx.execute(
-                "DELETE FROM idempotency WHERE created_at < ?",
-                [now.saturating_sub(key_ttl)],
-            )?;
+            let keys = tx
+                .prepare_cached(EXPIRED_KEYS)?
+                .execute(params![now.saturating_sub(key_ttl), SWEEP_KEYS])?;
             tx.commit()?;
-            Ok(expired)
+            Ok((expired, keys))
         })();
         match result {
-            Ok(ids) => {
+            Ok((ids, keys)) => {
+                let more = ids.len() as i64 >= SWEEP_STREAMS || keys as i64 >= SWEEP_KEYS;
                 if !ids.is_empty() {
                     tracing::info!(
                         streams = ids.len(),
@@ -357,8 +421,12 @@ impl Writer {
                 for (key, id) in ids {
                     self.hub.deleted(&id, key);
                 }
+                more
             }
-            Err(e) => tracing::warn!(error = %e, "retention sweep failed; will retry"),
+            Err(e) => {
+                tracing::warn!(error = %e, "retention sweep failed; will retry");
+                false
+            }
         }
     }
 
@@ -721,5 +789,145 @@ fn apply(
             });
             Ok(WriteOutcome::Ended { meta })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+    use sqlx::Connection as _;
+
+    const CHUNK: i64 = SWEEP_KEYS;
+
+    /// A database file with the migrations applied.
+    async fn migrated() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let opts = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true);
+        let mut conn = SqliteConnection::connect_with(&opts).await.unwrap();
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        (dir, path)
+    }
+
+    /// `EXPLAIN QUERY PLAN` of `sql`, its parameters bound to NULL, one line per step.
+    fn plan(conn: &Connection, sql: &str) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let nulls = vec![rusqlite::types::Null; stmt.parameter_count()];
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))
+            .unwrap();
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .unwrap()
+            .join("\n")
+    }
+
+    fn retention() -> Retention {
+        Retention {
+            ttl_ms: 3_600_000,
+            max_events: None,
+            idempotency_ttl_ms: 3_600_000,
+            interval: Duration::from_secs(3600),
+        }
+    }
+
+    /// The sweep runs inside the single writer's transaction: its statements
+    /// must find expired rows through an index, never by reading the table.
+    #[tokio::test]
+    async fn sweep_statements_use_indexes() {
+        let (_dir, path) = migrated().await;
+        let conn = Connection::open(&path).unwrap();
+        for (sql, index, point) in [
+            (EXPIRED_STREAMS, "streams_ended", None),
+            // Each selected key is then deleted by its whole primary key
+            // (older SQLite used only `stream_key`: every key of the stream).
+            (
+                EXPIRED_KEYS,
+                "idempotency_created",
+                Some("SEARCH idempotency USING PRIMARY KEY (stream_key=? AND key=?)"),
+            ),
+        ] {
+            let plan = plan(&conn, sql);
+            assert!(
+                !plan.contains("SCAN"),
+                "{sql}\nreads a whole table:\n{plan}"
+            );
+            assert!(
+                plan.contains(&format!("USING INDEX {index} "))
+                    || plan.contains(&format!("USING COVERING INDEX {index} ")),
+                "{sql}\ndoes not use {index}:\n{plan}"
+            );
+            if let Some(point) = point {
+                assert!(plan.contains(point), "{sql}\nis not `{point}`:\n{plan}");
+            }
+        }
+    }
+
+    /// Expired keys go in bounded chunks, one per transaction, and the next
+    /// chunk follows soon after (not a whole retention interval later).
+    #[tokio::test]
+    async fn expired_keys_are_deleted_in_chunks() {
+        let (_dir, path) = migrated().await;
+        let mut w = Writer::open(
+            &path,
+            false,
+            Duration::from_secs(5),
+            Hub::new(1 << 20),
+            retention(),
+        )
+        .unwrap();
+        let expired = 2 * CHUNK + 2000;
+        let now = crate::time::now_ms();
+        {
+            let tx = w.conn.transaction().unwrap();
+            let mut insert = tx
+                .prepare(
+                    "INSERT INTO idempotency (stream_key, key, hash, status, body, created_at) \
+                     VALUES (1, ?, x'00', 201, '{}', ?)",
+                )
+                .unwrap();
+            for i in 0..expired {
+                insert.execute(params![format!("old-{i}"), 0]).unwrap();
+            }
+            for i in 0..10 {
+                insert.execute(params![format!("new-{i}"), now]).unwrap();
+            }
+            drop(insert);
+            tx.commit().unwrap();
+        }
+        let count = |w: &Writer| -> i64 {
+            w.conn
+                .query_row("SELECT COUNT(*) FROM idempotency", [], |r| r.get(0))
+                .unwrap()
+        };
+        // The first sweep is due at once and takes one chunk.
+        w.housekeeping();
+        assert_eq!(count(&w), expired + 10 - CHUNK);
+        // The rest follows chunk by chunk, within the hour-long interval.
+        let mut chunks = 1;
+        let mut last = count(&w);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while last > 10 {
+            assert!(
+                Instant::now() < deadline,
+                "the sweep stopped with {last} keys left"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+            w.housekeeping();
+            let n = count(&w);
+            if n != last {
+                chunks += 1;
+                assert!(last - n <= CHUNK, "one step deleted {} keys", last - n);
+                last = n;
+            }
+        }
+        assert_eq!(chunks, 3);
+        assert_eq!(count(&w), 10, "fresh keys are kept");
     }
 }
