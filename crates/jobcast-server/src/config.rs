@@ -39,6 +39,9 @@ pub struct Config {
     pub max_batch: usize,
     /// Bytes of encoded events kept per watched stream for live watchers.
     pub ring_bytes: usize,
+    /// One budget for replay frames waiting for their sockets, request
+    /// bodies being read and the hub's rings (`--memory-budget`).
+    pub memory_budget: usize,
     /// Events per store page when replaying.
     pub page_size: u32,
     /// How long watchers retry a failing store before giving up with `store_unavailable`.
@@ -93,6 +96,7 @@ impl Default for Config {
             max_body_bytes: 16 << 20,
             max_batch: 1000,
             ring_bytes: 1 << 20,
+            memory_budget: 512 << 20,
             page_size: 1000,
             store_retry_limit: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),

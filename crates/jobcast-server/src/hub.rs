@@ -116,6 +116,8 @@ struct Ring {
     /// The newest creation seen; batches of older creations are dropped
     /// (a node's listener can lag its own writer across a delete).
     key: i64,
+    /// `bytes`, held in the server's memory budget.
+    permit: Option<crate::budget::Permit>,
 }
 
 /// One watched stream's shared state.
@@ -137,6 +139,7 @@ struct Inner {
     /// std Mutex: held for a map lookup or insert, never across an await.
     streams: Mutex<HashMap<String, Arc<Entry>>>,
     ring_bytes: usize,
+    budget: crate::budget::Budget,
     watchers: AtomicUsize,
     /// Set at shutdown; watchers are woken through their entries to see it.
     closed: std::sync::atomic::AtomicBool,
@@ -157,10 +160,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Hub {
     /// A hub whose rings keep about `ring_bytes` of encoded events per stream.
     pub fn new(ring_bytes: usize) -> Hub {
+        Hub::with_budget(ring_bytes, crate::budget::Budget::unlimited())
+    }
+
+    /// A hub whose rings count against `budget`: past it, a ring keeps only
+    /// its newest batch (watchers behind it read the store).
+    pub fn with_budget(ring_bytes: usize, budget: crate::budget::Budget) -> Hub {
         Hub {
             inner: Arc::new(Inner {
                 streams: Mutex::new(HashMap::new()),
                 ring_bytes,
+                budget,
                 watchers: AtomicUsize::new(0),
                 closed: std::sync::atomic::AtomicBool::new(false),
             }),
@@ -263,6 +273,7 @@ impl Hub {
             if batch.key > ring.key || ring.epoch.as_deref() != Some(&*batch.epoch) {
                 ring.batches.clear();
                 ring.bytes = 0;
+                ring.permit = None;
                 ring.epoch = Some(batch.epoch.clone());
                 ring.key = batch.key;
             } else if let Some(head) = ring.batches.back().map(|b| b.last_seq) {
@@ -275,11 +286,22 @@ impl Hub {
             }
             ring.bytes += batch.bytes.len();
             ring.batches.push_back(batch);
-            // Keep at least the newest batch, however large.
-            while ring.bytes > self.inner.ring_bytes && ring.batches.len() > 1 {
+            // Keep at least the newest batch, however large; past the
+            // memory budget, only that one.
+            let cap = if self.inner.budget.exhausted() {
+                0
+            } else {
+                self.inner.ring_bytes
+            };
+            while ring.bytes > cap && ring.batches.len() > 1 {
                 if let Some(old) = ring.batches.pop_front() {
                     ring.bytes -= old.bytes.len();
                 }
+            }
+            let bytes = ring.bytes;
+            match ring.permit.as_mut() {
+                Some(p) => p.resize(bytes),
+                None => ring.permit = Some(self.inner.budget.take(bytes)),
             }
         }
         entry.version.fetch_add(1, Ordering::AcqRel);
@@ -306,6 +328,7 @@ impl Hub {
             let mut ring = lock(&entry.ring);
             ring.batches.clear();
             ring.bytes = 0;
+            ring.permit = None;
             ring.epoch = None;
             if let Some(key) = deleted {
                 ring.key = ring.key.max(key.saturating_add(1));
@@ -519,6 +542,27 @@ mod tests {
         assert_eq!(hub.ring_head("s"), None);
         hub.publish("s", keyed(3, "newer"));
         assert_eq!(hub.ring_head("s"), Some((Arc::from("newer"), 1)));
+    }
+
+    /// Past the memory budget a ring keeps only its newest batch; its bytes
+    /// are held in the budget while it lives.
+    #[test]
+    fn rings_count_against_the_budget() {
+        let budget = crate::budget::Budget::new(1000, Default::default());
+        let hub = Hub::with_budget(1 << 20, budget.clone());
+        let sub = hub.subscribe("s");
+        for i in 0..10 {
+            hub.publish("s", batch("e", 1 + i * 2, 2));
+        }
+        assert!(budget.used() > 0);
+        assert_eq!(sub.read("e", 18, |b| b.count()), Ok(1));
+        let _held = budget.take(1000);
+        hub.publish("s", batch("e", 21, 2));
+        // Only the newest batch is left: older positions read the store.
+        assert_eq!(sub.read("e", 18, |b| b.count()), Err(RingRead::Gap));
+        assert_eq!(sub.read("e", 20, |b| b.count()), Ok(1));
+        drop(sub);
+        assert_eq!(budget.used(), 1000, "the ring's bytes are released with it");
     }
 
     #[test]

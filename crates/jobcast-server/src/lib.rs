@@ -15,6 +15,7 @@
 //! ```
 
 pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod http;
 pub mod hub;
@@ -50,13 +51,15 @@ pub struct Jobcast {
 impl Jobcast {
     /// Opens the store named in `config` (migrating it) and starts its writer.
     pub async fn open(config: Config) -> Result<Jobcast, StoreError> {
-        let hub = hub::Hub::new(config.ring_bytes);
         let metrics = metrics::Metrics::new();
+        let budget = metrics.memory_budget(config.memory_budget);
+        let hub = hub::Hub::with_budget(config.ring_bytes, budget.clone());
         let store = Store::open(&config, hub.clone(), metrics.clone()).await?;
         Ok(Jobcast {
             state: http::AppState {
                 store,
                 hub,
+                budget,
                 metrics,
                 config: Arc::new(config),
                 shutdown: CancellationToken::new(),

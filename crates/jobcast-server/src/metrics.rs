@@ -94,6 +94,8 @@ struct Inner {
     refused: Family<Reason, Counter>,
     append_seconds: Histogram,
     publish_to_write_seconds: Histogram,
+    memory_used: Gauge,
+    memory_limit: Gauge,
 }
 
 impl Default for Metrics {
@@ -167,6 +169,18 @@ impl Metrics {
             "Connections answered 503/429 and closed at a connection limit, by limit",
             refused.clone(),
         );
+        let memory_used = Gauge::default();
+        let memory_limit = Gauge::default();
+        registry.register(
+            "memory_used_bytes",
+            "Bytes held in the memory budget: replay frames waiting for sockets, request bodies, rings",
+            memory_used.clone(),
+        );
+        registry.register(
+            "memory_budget_bytes",
+            "The memory budget (--memory-budget)",
+            memory_limit.clone(),
+        );
         registry.register(
             "append_duration_seconds",
             "Time from receiving an append to its commit",
@@ -193,8 +207,18 @@ impl Metrics {
                 refused,
                 append_seconds,
                 publish_to_write_seconds,
+                memory_used,
+                memory_limit,
             }),
         }
+    }
+
+    /// The server's memory budget of `limit` bytes, reported here.
+    pub fn memory_budget(&self, limit: usize) -> crate::budget::Budget {
+        self.inner
+            .memory_limit
+            .set(limit.min(i64::MAX as usize) as i64);
+        crate::budget::Budget::new(limit, self.inner.memory_used.clone())
     }
 
     /// The Prometheus text exposition.

@@ -145,6 +145,11 @@ struct ServeArgs {
     /// Most connections open at once from one IP address (more get 429; default: no limit).
     #[arg(long, env = "JOBCAST_MAX_CONNECTIONS_PER_IP")]
     max_connections_per_ip: Option<usize>,
+    /// One memory budget, in bytes, for replay frames waiting for their
+    /// sockets, request bodies and the live rings; past it new replays get
+    /// 503 and running ones wait.
+    #[arg(long, env = "JOBCAST_MEMORY_BUDGET", default_value_t = 512 << 20, value_parser = clap::value_parser!(usize))]
+    memory_budget: usize,
     /// Most SSE watchers of one stream (more get 503).
     #[arg(
         long,
@@ -260,6 +265,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_connections: fit_open_files(args.max_connections),
         max_connections_per_ip: args.max_connections_per_ip,
         max_watchers_per_stream: args.max_watchers_per_stream,
+        memory_budget: args.memory_budget,
         auth,
         auth_cookie: args.auth_cookie.clone(),
         cors_origins: args.cors_origin.clone(),

@@ -31,6 +31,8 @@ pub struct AppState {
     pub store: Store,
     /// Live batches for watchers on this node.
     pub hub: Hub,
+    /// The server's memory budget (replay frames, bodies, rings).
+    pub budget: crate::budget::Budget,
     /// Prometheus metrics.
     pub metrics: crate::metrics::Metrics,
     /// The configuration.

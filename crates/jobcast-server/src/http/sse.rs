@@ -14,7 +14,9 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::{ApiError, AppState, VARY};
+use crate::budget::Permit;
 use crate::hub::Subscription;
+use crate::store::PAGE_BYTES;
 use crate::watch::{Failure, Mode, Resume, Sent, Settings, Step, Watch};
 
 /// The machine's clock: tokio's (paused in tests), as a std `Instant`.
@@ -33,7 +35,52 @@ impl From<Failure> for ApiError {
     }
 }
 
-/// Carries out store reads for `w` until it asks for something else.
+/// Carries out one store read for `w` (`permit`: the budget taken for a
+/// replay page, which then rides with the frame it becomes); the machine's
+/// next step.
+async fn read_once(
+    state: &AppState,
+    stream: &str,
+    w: &mut Watch,
+    sub: &Subscription,
+    step: Step,
+    permit: Option<Permit>,
+) -> Step {
+    let next = match step {
+        Step::ReadMeta => {
+            // Boxed: the store calls' futures are large and needed only
+            // briefly; inlined, every idle watcher would carry their size.
+            let r = Box::pin(state.store.meta(stream)).await;
+            w.on_meta(clock(), sub, r)
+        }
+        Step::ReadPage { after, limit, gap } => {
+            if gap {
+                state.metrics.slow_fallback();
+            }
+            let r = Box::pin(state.store.read(stream, after, limit)).await;
+            match (w.on_page(clock(), sub, r), permit) {
+                (
+                    Step::Send(
+                        bytes,
+                        sent @ Sent::Events {
+                            from_store: true, ..
+                        },
+                    ),
+                    Some(p),
+                ) => Step::Send(p.attach(bytes), sent),
+                (other, _) => other,
+            }
+        }
+        other => other,
+    };
+    if let Some(outcome) = w.take_outcome() {
+        state.metrics.resume(outcome);
+    }
+    next
+}
+
+/// Carries out store reads for `w` until it asks for something else (a
+/// long-poll: its page is small and answered at once, not accounted).
 pub(super) async fn run_reads(
     state: &AppState,
     stream: &str,
@@ -41,26 +88,28 @@ pub(super) async fn run_reads(
     sub: &Subscription,
     mut step: Step,
 ) -> Step {
-    loop {
-        step = match step {
-            Step::ReadMeta => {
-                // Boxed: the store calls' futures are large and needed only
-                // briefly; inlined, every idle watcher would carry their size.
-                let r = Box::pin(state.store.meta(stream)).await;
-                w.on_meta(clock(), sub, r)
-            }
-            Step::ReadPage { after, limit, gap } => {
-                if gap {
-                    state.metrics.slow_fallback();
-                }
-                let r = Box::pin(state.store.read(stream, after, limit)).await;
-                w.on_page(clock(), sub, r)
-            }
-            other => return other,
-        };
-        if let Some(outcome) = w.take_outcome() {
-            state.metrics.resume(outcome);
-        }
+    while let Step::ReadMeta | Step::ReadPage { .. } = step {
+        step = read_once(state, stream, w, sub, step, None).await;
+    }
+    step
+}
+
+/// What a replay page may take before it is read: a page of data or one
+/// event of the largest size, whichever is larger (the permit shrinks to the
+/// frame once it is encoded).
+fn page_reserve(state: &AppState) -> usize {
+    PAGE_BYTES.max(state.config.max_event_bytes) + 4096
+}
+
+/// 503 `memory_budget_exceeded`: the server holds as much replay as it may.
+fn over_budget() -> ApiError {
+    ApiError {
+        retry_after: Some(1),
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "memory_budget_exceeded",
+            "the server is replaying as much as its memory budget allows; retry shortly",
+        )
     }
 }
 
@@ -109,9 +158,23 @@ pub(super) async fn watch(
         now.into_std(),
         rand::rng().random(),
     );
-    let first = w.next(clock(), &sub);
-    // The first store answer decides the status line.
-    let first = match run_reads(&state, &stream, &mut w, &sub, first).await {
+    let mut first = w.next(clock(), &sub);
+    // The first store answers decide the status line. A new replay while the
+    // memory budget is used up is refused; running ones wait for room.
+    loop {
+        let permit = match first {
+            Step::ReadMeta => None,
+            Step::ReadPage { .. } => Some(
+                state
+                    .budget
+                    .try_take(page_reserve(&state))
+                    .ok_or_else(over_budget)?,
+            ),
+            _ => break,
+        };
+        first = read_once(&state, &stream, &mut w, &sub, first, permit).await;
+    }
+    let first = match first {
         Step::NoContent => {
             let mut res = StatusCode::NO_CONTENT.into_response();
             set_headers(&mut res, false);
@@ -127,6 +190,7 @@ pub(super) async fn watch(
     let watcher = Watcher {
         timer: Box::pin(tokio::time::sleep_until(now + state.config.heartbeat)),
         pending: Some(first),
+        budget_waited: Duration::ZERO,
         done: false,
         stream,
         sub,
@@ -175,6 +239,8 @@ struct Watcher {
     /// One timer per watcher, armed at the earliest deadline and re-armed
     /// only when it fired or a deadline came closer: never reset per event.
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// How long the watcher has waited for room in the memory budget.
+    budget_waited: Duration,
     done: bool,
 }
 
@@ -211,13 +277,34 @@ impl Watcher {
                     self.done = true;
                     return last;
                 }
-                step @ (Step::ReadMeta | Step::ReadPage { .. }) => {
-                    let next = Box::pin(run_reads(
+                Step::ReadMeta => {
+                    let next = Box::pin(read_once(
+                        &self.state,
+                        &self.stream,
+                        &mut self.w,
+                        &self.sub,
+                        Step::ReadMeta,
+                        None,
+                    ))
+                    .await;
+                    self.pending = Some(next);
+                }
+                step @ Step::ReadPage { .. } => {
+                    let Some(permit) = self.state.budget.try_take(page_reserve(&self.state)) else {
+                        // No room for another page: wait for some (heartbeats go on).
+                        self.pending = Some(step);
+                        if let Some(beat) = self.wait_for_budget().await {
+                            return Some(beat);
+                        }
+                        continue;
+                    };
+                    let next = Box::pin(read_once(
                         &self.state,
                         &self.stream,
                         &mut self.w,
                         &self.sub,
                         step,
+                        Some(permit),
                     ))
                     .await;
                     self.pending = Some(next);
@@ -226,6 +313,27 @@ impl Watcher {
                 // Only before the response (handled in `watch`).
                 Step::NoContent | Step::Respond(_) | Step::Fail(_) => self.done = true,
             }
+        }
+        None
+    }
+
+    /// Waits a moment for room in the memory budget; a heartbeat when one
+    /// is due meanwhile. At shutdown the pending read is dropped, so the
+    /// machine closes the watch.
+    async fn wait_for_budget(&mut self) -> Option<Bytes> {
+        const PAUSE: Duration = Duration::from_millis(50);
+        // The shutdown token, or a short pause.
+        tokio::select! {
+            _ = self.state.shutdown.cancelled() => {
+                self.pending = None;
+                return None;
+            }
+            _ = tokio::time::sleep(PAUSE) => {}
+        }
+        self.budget_waited += PAUSE;
+        if self.budget_waited >= self.state.config.heartbeat {
+            self.budget_waited = Duration::ZERO;
+            return Some(Bytes::from_static(b":\n"));
         }
         None
     }
@@ -281,6 +389,7 @@ mod size_tests {
         let mut w = Watcher {
             timer: Box::pin(tokio::time::sleep_until(now)),
             pending: None,
+            budget_waited: Duration::ZERO,
             done: false,
             stream: "s".into(),
             sub: state.hub.subscribe("s"),

@@ -24,6 +24,11 @@ use serde::Serialize;
 
 use crate::{config::Config, hub::Hub, metrics::Metrics};
 
+/// Most event data in one store page (one event when a single event is
+/// larger): replay is written in pieces of about this size, so a watcher
+/// whose socket stalls holds at most one piece.
+pub const PAGE_BYTES: usize = 256 << 10;
+
 /// A store failure. Nothing was written when an append answers with it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -41,7 +41,7 @@ use crate::hub::{Batch, Hub};
 use crate::metrics::Metrics;
 
 /// A store page stops after this many bytes of data (and at least one event).
-const PAGE_BYTES: usize = 1 << 20;
+const PAGE_BYTES: usize = super::PAGE_BYTES;
 /// The NOTIFY channel every node listens on.
 const CHANNEL: &str = "jobcast";
 /// `application_name` of the listener connection (operators can find it in pg_stat_activity).
@@ -277,6 +277,11 @@ async fn read_page(
             break;
         };
         let data = data_from_row(&r)?;
+        // Bounded pieces: a page holds at most PAGE_BYTES of data, or one
+        // event when that one is larger.
+        if !events.is_empty() && bytes + data.len() > PAGE_BYTES {
+            break;
+        }
         bytes += data.len();
         events.push(StoredEvent {
             seq: seq as u64,

@@ -23,7 +23,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 
 /// A store page stops after this many bytes of data (and at least one event).
-const PAGE_BYTES: usize = 1 << 20;
+const PAGE_BYTES: usize = super::PAGE_BYTES;
 /// How often the writer thread is woken for housekeeping when idle.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -191,6 +191,11 @@ impl SqliteStore {
             .fetch(&mut *tx);
             while let Some(r) = rows.try_next().await? {
                 let data: String = r.try_get("data")?;
+                // Bounded pieces: a page holds at most PAGE_BYTES of data,
+                // or one event when that one is larger.
+                if !events.is_empty() && bytes + data.len() > PAGE_BYTES {
+                    break;
+                }
                 bytes += data.len();
                 events.push(StoredEvent {
                     seq: r.try_get::<i64, _>("seq")? as u64,
