@@ -65,8 +65,8 @@ enum Nemesis {
 async fn run(mut nodes: Vec<Server>, nemesis: Nemesis) -> Report {
     let secs = seconds();
     let h = History::new(match nemesis {
-        Nemesis::Sqlite => "[sqlite]",
-        Nemesis::Postgres { .. } => "[postgres]",
+        Nemesis::Sqlite => "sqlite",
+        Nemesis::Postgres { .. } => "postgres",
     });
     let client = reqwest::Client::new();
     let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
@@ -177,6 +177,12 @@ async fn run(mut nodes: Vec<Server>, nemesis: Nemesis) -> Report {
             }
         }
         finals.insert(stream.to_owned(), (epoch, data));
+    }
+    // JOBCAST_HISTORY_DUMP=DIR keeps each run's history (DIR/history-{label}.txt).
+    if let Some(dir) = std::env::var_os("JOBCAST_HISTORY_DUMP") {
+        let path = std::path::Path::new(&dir).join(format!("history-{}.txt", h.label()));
+        h.dump(&path).expect("dump the history");
+        eprintln!("history written to {}", path.display());
     }
     let report = history::check(&h.entries(), &h.watchers(), &finals);
     eprintln!(

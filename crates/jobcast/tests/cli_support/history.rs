@@ -152,6 +152,11 @@ impl History {
         })
     }
 
+    /// The run's name.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
     /// Records `op` now.
     pub fn record(&self, op: Op) {
         let at = self.start.elapsed();
@@ -172,6 +177,19 @@ impl History {
     /// What was recorded so far.
     pub fn entries(&self) -> Vec<Entry> {
         self.ops.lock().unwrap().clone()
+    }
+
+    /// Writes the history, one operation a line (`seconds op`), to `path`.
+    pub fn dump(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for (i, w) in self.watchers().iter().enumerate() {
+            writeln!(out, "watcher {i}: {w:?}")?;
+        }
+        for e in self.entries() {
+            writeln!(out, "{:>9.3} {:?}", e.at.as_secs_f64(), e.op)?;
+        }
+        out.flush()
     }
 
     pub fn watchers(&self) -> Vec<WatcherInfo> {
@@ -626,8 +644,14 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "deliveries {} ({} distinct events in {} epochs) to {} watchers over {} connections",
-            self.deliveries, self.distinct_events, self.epochs, self.watchers, self.connections
+            "deliveries {} ({} distinct events in {} epochs) to {} watchers over {} connections \
+             ({} reconnects)",
+            self.deliveries,
+            self.distinct_events,
+            self.epochs,
+            self.watchers,
+            self.connections,
+            self.connections.saturating_sub(self.watchers)
         )?;
         writeln!(
             f,
@@ -772,6 +796,8 @@ pub fn check(
         let mut events_on_conn = 0usize;
         let mut seen: HashMap<(String, u64), u32> = HashMap::new();
         let mut ended: Option<(String, u64)> = None;
+        // How it left each epoch: "stream_deleted" or "a reset".
+        let mut exits: HashMap<String, &str> = HashMap::new();
         let follows = |pos: &Option<(String, u64)>,
                        epoch: &str,
                        seq: u64,
@@ -813,6 +839,9 @@ pub fn check(
                 }
                 Op::Reset { payload, .. } => {
                     r.resets += 1;
+                    if let Some((e, _)) = &pos {
+                        exits.entry(e.clone()).or_insert("a reset");
+                    }
                     if info.kind == Kind::Raw {
                         if events_on_conn > 0 {
                             r.violation(format!(
@@ -895,6 +924,9 @@ pub fn check(
                         .or(payload["error"]["code"].as_str())
                         .unwrap_or("?");
                     *r.errors.entry(code.to_owned()).or_default() += 1;
+                    if let (Some((e, _)), "stream_deleted") = (&pos, code) {
+                        exits.entry(e.clone()).or_insert("stream_deleted");
+                    }
                 }
                 Op::Closed { why, .. } => {
                     r.cuts += 1;
@@ -936,17 +968,33 @@ pub fn check(
             .map(|(e, _)| e.as_str())
             .filter(|e| *e != epoch)
             .collect();
+        // Acked events below the last seq it got of such an epoch are lost
+        // (the continuity checks name the gap); those after it were cut
+        // off by the delete.
         for e in left {
-            let missed = acked_at
+            let last = seen
                 .keys()
-                .filter(|(ae, s)| ae == e && !seen.contains_key(&(ae.clone(), *s)))
-                .count();
-            if missed > 0 {
-                r.cut_by_delete += missed;
-                let last = seen.keys().filter(|(se, _)| se == e).map(|(_, s)| *s).max();
+                .filter(|(se, _)| se == e)
+                .map(|(_, s)| *s)
+                .max()
+                .unwrap_or(0);
+            let (mut within, mut after) = (0, 0);
+            for (ae, s) in acked_at.keys() {
+                if ae == e && !seen.contains_key(&(ae.clone(), *s)) {
+                    if *s < last {
+                        within += 1;
+                    } else {
+                        after += 1;
+                    }
+                }
+            }
+            r.lost += within;
+            if after > 0 {
+                r.cut_by_delete += after;
+                let how = exits.get(e).copied().unwrap_or("?");
                 r.notes.push(format!(
-                    "{name}: epoch {e} deleted after seq {} reached it; {missed} acked events of it not delivered",
-                    last.unwrap_or(0)
+                    "{name}: left epoch {e} after seq {last} by {how}; \
+                     {after} later acked events of it not delivered"
                 ));
             }
         }
