@@ -200,7 +200,8 @@ impl History {
     pub fn fault(&self, what: &str, detail: impl Into<String>) {
         let detail = detail.into();
         eprintln!(
-            "nemesis {:>6.1}s: {what} {detail}",
+            "[{}] nemesis {:>6.1}s: {what} {detail}",
+            self.label,
             self.start.elapsed().as_secs_f64()
         );
         self.record(Op::Nemesis {
