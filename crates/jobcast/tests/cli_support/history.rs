@@ -701,6 +701,9 @@ pub fn check(
     let mut acked_token: HashMap<&str, (String, u64)> = HashMap::new();
     let mut undecided: Vec<&[String]> = Vec::new();
     let mut refused: Vec<&[String]> = Vec::new();
+    // When each (epoch, seq) was acknowledged, and when deletes were sent.
+    let mut acked_when: HashMap<(String, u64), Duration> = HashMap::new();
+    let mut deletes: Vec<Duration> = Vec::new();
     for e in entries {
         match &e.op {
             Op::Invoke {
@@ -728,6 +731,7 @@ pub fn check(
                 for (i, t) in tokens.iter().enumerate() {
                     let at = (first.epoch.clone(), first.seq + i as u64);
                     r.events_acked += 1;
+                    acked_when.insert(at.clone(), e.at);
                     if let Some(other) = acked_at.insert(at.clone(), t) {
                         r.violation(format!("{}-{} acked for {other} and for {t}", at.0, at.1));
                     }
@@ -749,7 +753,12 @@ pub fn check(
                     undecided.push(tokens);
                 }
             }
-            Op::Nemesis { what, .. } => *r.faults.entry(what.clone()).or_default() += 1,
+            Op::Nemesis { what, .. } => {
+                *r.faults.entry(what.clone()).or_default() += 1;
+                if what == "delete" {
+                    deletes.push(e.at);
+                }
+            }
             _ => {}
         }
     }
@@ -772,7 +781,7 @@ pub fn check(
         }
     }
 
-    let mut by_watcher: Vec<Vec<&Op>> = vec![Vec::new(); watchers.len()];
+    let mut by_watcher: Vec<Vec<(Duration, &Op)>> = vec![Vec::new(); watchers.len()];
     for e in entries {
         let w = match &e.op {
             Op::Connect { watcher, .. }
@@ -783,7 +792,7 @@ pub fn check(
             | Op::Closed { watcher, .. } => *watcher,
             _ => continue,
         };
-        by_watcher[w].push(&e.op);
+        by_watcher[w].push((e.at, &e.op));
     }
     let mut epochs: HashSet<String> = HashSet::new();
     let mut final_end: HashMap<&str, String> = HashMap::new();
@@ -798,7 +807,8 @@ pub fn check(
         let mut seen: HashMap<(String, u64), u32> = HashMap::new();
         let mut ended: Option<(String, u64)> = None;
         // How it left each epoch: "stream_deleted" or "a reset".
-        let mut exits: HashMap<String, &str> = HashMap::new();
+        // (and since when its connection was open).
+        let mut exits: HashMap<String, (&str, Duration)> = HashMap::new();
         let follows = |pos: &Option<(String, u64)>,
                        epoch: &str,
                        seq: u64,
@@ -823,13 +833,15 @@ pub fn check(
             _ => {}
         }
         };
-        for op in ops {
+        let mut conn_start = Duration::ZERO;
+        for &(op_at, op) in ops {
             if let Some((e, s)) = &ended {
                 r.violation(format!("{name}: {op:?} after the end {e}-{s}"));
                 break;
             }
             match op {
                 Op::Connect { resume: res, .. } => {
+                    conn_start = op_at;
                     r.connections += 1;
                     events_on_conn = 0;
                     resume = res.clone();
@@ -841,7 +853,7 @@ pub fn check(
                 Op::Reset { payload, .. } => {
                     r.resets += 1;
                     if let Some((e, _)) = &pos {
-                        exits.entry(e.clone()).or_insert("a reset");
+                        exits.entry(e.clone()).or_insert(("a reset", conn_start));
                     }
                     if info.kind == Kind::Raw {
                         if events_on_conn > 0 {
@@ -926,7 +938,9 @@ pub fn check(
                         .unwrap_or("?");
                     *r.errors.entry(code.to_owned()).or_default() += 1;
                     if let (Some((e, _)), "stream_deleted") = (&pos, code) {
-                        exits.entry(e.clone()).or_insert("stream_deleted");
+                        exits
+                            .entry(e.clone())
+                            .or_insert(("stream_deleted", conn_start));
                     }
                 }
                 Op::Closed { why, .. } => {
@@ -992,10 +1006,31 @@ pub fn check(
             r.lost += within;
             if after > 0 {
                 r.cut_by_delete += after;
-                let how = exits.get(e).copied().unwrap_or("?");
+                let (how, since) = exits.get(e).copied().unwrap_or(("?", Duration::ZERO));
+                // The delete that ended the epoch: the first sent after its first ack.
+                let born = acked_when
+                    .iter()
+                    .filter(|((ae, _), _)| ae == e)
+                    .map(|(_, t)| *t)
+                    .min()
+                    .unwrap_or_default();
+                let deleted = deletes.iter().copied().find(|d| *d > born);
+                // Acked before that delete was sent, on a connection open before it.
+                let before = match deleted {
+                    Some(d) if since < d => acked_when
+                        .iter()
+                        .filter(|((ae, s), t)| {
+                            ae == e && **t < d && !seen.contains_key(&(ae.clone(), *s))
+                        })
+                        .count(),
+                    _ => 0,
+                };
                 r.notes.push(format!(
-                    "{name}: left epoch {e} after seq {last} by {how}; \
-                     {after} later acked events of it not delivered"
+                    "{name}: left epoch {e} after seq {last} by {how} (connection opened at \
+                     {:.3}s, delete sent at {}); {after} later acked events of it not delivered, \
+                     {before} of them acked before the delete was sent",
+                    since.as_secs_f64(),
+                    deleted.map_or("?".into(), |d| format!("{:.3}s", d.as_secs_f64()))
                 ));
             }
         }
