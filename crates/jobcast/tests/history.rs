@@ -406,3 +406,80 @@ fn the_checker_finds_loss_duplicates_and_foreign_events() {
     assert!(has("without a jobcast.reset"), "{r}");
     assert!(has("which no producer appended"), "{r}");
 }
+
+/// Found by the history checker (docs/testing.md, "cut by a delete"): an
+/// append and a DELETE of the same stream sent at once, the append
+/// acknowledged with the old epoch (so committed before the delete). Every
+/// live watcher of the stream, all on one node, should get its event before
+/// `stream_deleted` (the hub has it before the delete, in commit order); some
+/// get `stream_deleted` without it, and which ones differs from watcher to
+/// watcher. Not promised in so many words by SPEC.md, hence ignored until
+/// the watch path decides; run with `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "watch path: a delete overtakes an event committed just before it for some live watchers"]
+async fn live_watchers_get_an_event_committed_just_before_a_delete() {
+    use cli_support::sse::{self, Close, Watcher};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = format!("sqlite://{}", dir.path().join("jobcast.db").display());
+    let node = Server::start_with(&db, 0, &["--heartbeat", "1s"]).expect("start jobcast");
+    let url = node.url.clone();
+    let client = reqwest::Client::new();
+    let (mut raced, mut missed) = (0, Vec::new());
+    for round in 0..60 {
+        let stream = format!("race-{round}");
+        sse::append(&client, &url, &stream, "first").await;
+        let mut watchers = Vec::new();
+        for _ in 0..6 {
+            let mut w = Watcher::new(&stream);
+            let mut res = w.open(&client, &url).await.expect("watch");
+            assert_eq!(w.read(&mut res, Some(1)).await, None, "the first event");
+            watchers.push((w, res));
+        }
+        let epoch = EventId::parse(watchers[0].0.last_id.as_deref().unwrap())
+            .unwrap()
+            .epoch;
+        let append = {
+            let (client, url, stream) = (client.clone(), url.clone(), stream.clone());
+            tokio::spawn(async move {
+                let res = client
+                    .post(format!("{url}/v1/streams/{stream}/events"))
+                    .header("content-type", "application/json")
+                    .body(r#"{"data":"second"}"#)
+                    .send()
+                    .await
+                    .expect("append");
+                let v: serde_json::Value = res.json().await.expect("JSON");
+                EventId::parse(v["first_id"].as_str().expect("first_id")).expect("id")
+            })
+        };
+        let res = client
+            .delete(format!("{url}/v1/streams/{stream}"))
+            .send()
+            .await
+            .expect("delete");
+        assert_eq!(res.status(), 204);
+        let second = append.await.expect("append");
+        if second.epoch != epoch {
+            // The delete came first: the append created a new stream.
+            continue;
+        }
+        raced += 1;
+        for (i, (mut w, mut res)) in watchers.into_iter().enumerate() {
+            let close = w.read(&mut res, None).await;
+            assert!(
+                matches!(&close, Some(Close::Error(v)) if v["code"] == "stream_deleted"),
+                "{close:?}"
+            );
+            if w.events.len() != 2 {
+                missed.push(format!("{stream}: watcher {i} got {:?}", w.events));
+            }
+        }
+    }
+    eprintln!("{raced} rounds with the append committed before the delete");
+    assert!(
+        missed.is_empty(),
+        "{} of the live watchers got stream_deleted without the event committed before it:\n{}",
+        missed.len(),
+        missed.join("\n")
+    );
+}
