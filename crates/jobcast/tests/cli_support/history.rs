@@ -1025,8 +1025,14 @@ pub fn check(
                         .count(),
                     _ => 0,
                 };
+                // A client watcher's "connection" is its watch(), which
+                // reconnects inside: it may have been away across the delete.
+                let opened = match info.kind {
+                    Kind::Raw => "connection opened",
+                    Kind::Client => "watch() started",
+                };
                 r.notes.push(format!(
-                    "{name}: left epoch {e} after seq {last} by {how} (connection opened at \
+                    "{name}: left epoch {e} after seq {last} by {how} ({opened} at \
                      {:.3}s, delete sent at {}); {after} later acked events of it not delivered, \
                      {before} of them acked before the delete was sent",
                     since.as_secs_f64(),
