@@ -3,9 +3,11 @@
 //! same address and store) and as a client command with a deadline; for the
 //! multi-node tests also a test PostgreSQL database ([`pg`]), a TCP proxy that
 //! can cut it off ([`proxy`]), an SSE reader that resumes ([`sse`]) and a
-//! throw-away nginx ([`nginx`]).
+//! throw-away nginx ([`nginx`]); for the history checker a recorded history
+//! of producers and watchers and its checker ([`history`]).
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod history;
 pub mod nginx;
 pub mod pg;
 pub mod proxy;

@@ -37,16 +37,25 @@ impl Sse {
     /// The next frame; None when the response ended or broke. Panics when
     /// nothing arrives within `timeout`.
     pub async fn next_frame(&mut self, timeout: Duration) -> Option<Frame> {
+        self.next_frame_within(timeout)
+            .await
+            .unwrap_or_else(|_| panic!("no SSE bytes within {timeout:?}"))
+    }
+
+    /// Like [`Sse::next_frame`], but Err (instead of a panic) when nothing
+    /// arrives within `timeout`.
+    pub async fn next_frame_within(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<Frame>, tokio::time::error::Elapsed> {
         loop {
             if let Some(f) = self.frames.pop_front() {
-                return Some(f);
+                return Ok(Some(f));
             }
             if self.closed {
-                return None;
+                return Ok(None);
             }
-            let chunk = tokio::time::timeout(timeout, self.res.chunk())
-                .await
-                .unwrap_or_else(|_| panic!("no SSE bytes within {timeout:?}"));
+            let chunk = tokio::time::timeout(timeout, self.res.chunk()).await?;
             match chunk {
                 Ok(Some(bytes)) => {
                     let mut out = Vec::new();
@@ -99,35 +108,15 @@ impl Watcher {
     /// Opens a watch on the node at `url`, resuming after [`Self::last_id`].
     /// Err: the close (a JSON error answer, or a connection that failed).
     pub async fn open(&mut self, client: &reqwest::Client, url: &str) -> Result<Sse, Close> {
-        let mut req = client
-            .get(format!("{url}/v1/streams/{}/events", self.stream))
-            .header("accept", "text/event-stream");
-        if let Some(id) = &self.last_id {
-            req = req.header("last-event-id", id);
-        }
-        for (k, v) in &self.headers {
-            req = req.header(k, v);
-        }
-        let res = match tokio::time::timeout(FRAME, req.send()).await {
-            Err(_) => panic!("{url}: no answer to a watch within {FRAME:?}"),
-            Ok(Err(e)) => return Err(Close::Cut(format!("connect: {e}"))),
-            Ok(Ok(res)) => res,
-        };
-        let status = res.status().as_u16();
-        if status != 200 {
-            let body: Value = res.json().await.unwrap_or_default();
-            return Err(Close::Error(
-                serde_json::json!({ "status": status, "error": body["error"] }),
-            ));
-        }
+        let req = client.get(format!("{url}/v1/streams/{}/events", self.stream));
+        let sse = open(req, self.last_id.as_deref(), &self.headers, FRAME)
+            .await
+            .map_err(|close| match close {
+                Close::Cut(why) if why.starts_with("no answer") => panic!("{url}: {why}"),
+                close => close,
+            })?;
         self.connections += 1;
-        Ok(Sse {
-            headers: res.headers().clone(),
-            res,
-            decoder: Decoder::new(),
-            frames: VecDeque::new(),
-            closed: false,
-        })
+        Ok(sse)
     }
 
     /// Reads `sse` until the end, an error, a cut, or (when `until` is given)
@@ -260,6 +249,48 @@ impl Watcher {
             self.stream
         );
     }
+}
+
+/// Sends the watch request `req` (`Accept: text/event-stream`, with
+/// `Last-Event-ID: last_id` when given, and `headers`). Err: the close (a
+/// JSON error answer as `{"status", "error"}`, a connection that failed, or
+/// no answer within `timeout`).
+pub async fn open(
+    req: reqwest::RequestBuilder,
+    last_id: Option<&str>,
+    headers: &[(String, String)],
+    timeout: Duration,
+) -> Result<Sse, Close> {
+    let mut req = req.header("accept", "text/event-stream");
+    if let Some(id) = last_id {
+        req = req.header("last-event-id", id);
+    }
+    for (k, v) in headers {
+        req = req.header(k, v);
+    }
+    let res = match tokio::time::timeout(timeout, req.send()).await {
+        Err(_) => {
+            return Err(Close::Cut(format!(
+                "no answer to a watch within {timeout:?}"
+            )))
+        }
+        Ok(Err(e)) => return Err(Close::Cut(format!("connect: {e}"))),
+        Ok(Ok(res)) => res,
+    };
+    let status = res.status().as_u16();
+    if status != 200 {
+        let body: Value = res.json().await.unwrap_or_default();
+        return Err(Close::Error(
+            serde_json::json!({ "status": status, "error": body["error"] }),
+        ));
+    }
+    Ok(Sse {
+        headers: res.headers().clone(),
+        res,
+        decoder: Decoder::new(),
+        frames: VecDeque::new(),
+        closed: false,
+    })
 }
 
 /// The seq of an id `{epoch}-{seq}`.
