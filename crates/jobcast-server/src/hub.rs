@@ -309,7 +309,8 @@ impl Hub {
     }
 
     /// Tells watchers that the stream was created, deleted or replaced: they
-    /// re-check the store.
+    /// re-check the store (after taking what the ring holds of their
+    /// creation: committed events of it, so theirs to have).
     pub fn changed(&self, stream: &str) {
         self.change(stream, None);
     }
@@ -324,15 +325,12 @@ impl Hub {
         let Some(entry) = self.entry(stream) else {
             return;
         };
-        {
+        if let Some(key) = deleted {
+            // The batches committed before the delete stay for watchers that
+            // have not taken them yet (they get them, then `stream_deleted`);
+            // late ones of that creation are dropped from now on.
             let mut ring = lock(&entry.ring);
-            ring.batches.clear();
-            ring.bytes = 0;
-            ring.permit = None;
-            ring.epoch = None;
-            if let Some(key) = deleted {
-                ring.key = ring.key.max(key.saturating_add(1));
-            }
+            ring.key = ring.key.max(key.saturating_add(1));
         }
         entry.changes.fetch_add(1, Ordering::AcqRel);
         entry.version.fetch_add(1, Ordering::AcqRel);
@@ -536,10 +534,14 @@ mod tests {
         hub.publish("s", keyed(1, "old"));
         assert_eq!(hub.ring_head("s"), Some((Arc::from("new"), 1)));
         assert_eq!(sub.read("new", 0, |b| b.count()), Ok(1));
-        // After a delete, its late batches are dropped too.
+        // After a delete its batches stay for watchers still behind them;
+        // late ones of it are dropped.
         hub.deleted("s", 2);
-        hub.publish("s", keyed(2, "new"));
-        assert_eq!(hub.ring_head("s"), None);
+        hub.publish(
+            "s",
+            Arc::new(Batch::encode(2, "new", 2, [("message", "y")], false)),
+        );
+        assert_eq!(hub.ring_head("s"), Some((Arc::from("new"), 1)));
         hub.publish("s", keyed(3, "newer"));
         assert_eq!(hub.ring_head("s"), Some((Arc::from("newer"), 1)));
     }

@@ -721,10 +721,8 @@ impl Watch {
             limit: page_size,
             gap,
         };
-        if changed {
-            // Created, deleted, replaced or re-synced: the store says which.
-            return self.ask(sub, read(false));
-        }
+        // The ring first, even after a change: it holds only committed events
+        // of this creation, which come before a delete's `stream_deleted`.
         let ring = sub.read(&epoch, after, |batches| cursor.take_batches(batches));
         let ended = cursor.ended;
         match ring {
@@ -740,6 +738,8 @@ impl Watch {
                 }
                 self.send(now, frame.bytes, sent)
             }
+            // Created, deleted, replaced or re-synced: the store says which.
+            _ if changed => self.ask(sub, read(false)),
             // A hole in the ring (the watcher fell behind it, or a batch
             // never reached it): the store fills it.
             Ok(None) | Err(RingRead::Gap) => self.ask(sub, read(true)),
@@ -1193,6 +1193,52 @@ mod tests {
             let step = w.next(now, &sub);
             assert!(matches!(step, Step::Wait { .. }), "{step:?}");
         }
+    }
+
+    /// Found by the history checker: events committed just before a delete
+    /// reach a watcher whose ring has them, then `stream_deleted`.
+    #[test]
+    fn events_committed_before_a_delete_come_before_stream_deleted() {
+        let hub = Hub::new(1 << 20);
+        let sub = hub.subscribe("s");
+        let now = Instant::now();
+        let mut w = Watch::new(Mode::Sse, Resume::Start, settings(now), now, 1);
+        assert!(matches!(w.next(now, &sub), Step::ReadMeta));
+        let m = meta(0, StreamState::Open);
+        assert!(matches!(
+            w.on_meta(now, &sub, Ok(Some(m))),
+            Step::Wait { .. }
+        ));
+        // One group: an append, then the delete, both after the watcher's look.
+        hub.publish(
+            "s",
+            Arc::new(Batch::encode(
+                1,
+                "ep",
+                1,
+                [("message", "a"), ("message", "b")],
+                false,
+            )),
+        );
+        hub.deleted("s", 1);
+        let step = w.next(now, &sub);
+        let Step::Send(bytes, Sent::Events { count: 2, .. }) = step else {
+            panic!("{step:?}");
+        };
+        assert!(bytes.starts_with(b"id: ep-1\n"));
+        let step = w.next(now, &sub);
+        assert!(matches!(step, Step::ReadPage { after: 2, .. }), "{step:?}");
+        let step = w.on_page(now, &sub, Ok(None));
+        assert!(
+            matches!(
+                step,
+                Step::Close {
+                    reason: CloseReason::Deleted,
+                    ..
+                }
+            ),
+            "{step:?}"
+        );
     }
 
     /// Issue 12 item 1, in the machine: a page after the end is empty with no next.

@@ -413,10 +413,10 @@ fn the_checker_finds_loss_duplicates_and_foreign_events() {
 /// live watcher of the stream, all on one node, should get its event before
 /// `stream_deleted` (the hub has it before the delete, in commit order); some
 /// get `stream_deleted` without it, and which ones differs from watcher to
-/// watcher. Not promised in so many words by SPEC.md, hence ignored until
-/// the watch path decides; run with `--ignored`.
+/// watcher. Fixed in the watch machine: it takes what the ring holds of its
+/// creation before acting on a change, and a delete no longer empties the
+/// ring (docs/protocol.md, Decision "events before a delete").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "watch path: a delete overtakes an event committed just before it for some live watchers"]
 async fn live_watchers_get_an_event_committed_just_before_a_delete() {
     use cli_support::sse::{self, Close, Watcher};
     let dir = tempfile::tempdir().expect("tempdir");
