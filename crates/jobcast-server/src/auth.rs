@@ -150,7 +150,7 @@ impl Auth {
                 _ => AuthError::Invalid,
             })?;
         let claims = data.claims;
-        let expires = UNIX_EPOCH + Duration::from_secs(claims.exp).saturating_add(self.leeway);
+        let expires = grant_expiry(claims.exp, self.leeway, SystemTime::now());
         let perms = claims.jobcast.unwrap_or_default();
         Ok(Grant {
             publish: perms.publish,
@@ -160,6 +160,21 @@ impl Auth {
             source,
         })
     }
+}
+
+/// The longest a grant lasts, whatever its `exp` says: a far-future `exp`
+/// (up to 2^64 − 1 seconds) must not overflow the clock arithmetic of every
+/// deadline derived from it. The same bound stands for "never" in the SSE
+/// writer.
+pub const MAX_GRANT: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// When a grant of a token with this `exp` ends: `exp` plus the leeway,
+/// capped at `now` + [`MAX_GRANT`]; saturating, never panicking.
+fn grant_expiry(exp: u64, leeway: Duration, now: SystemTime) -> SystemTime {
+    let cap = now.checked_add(MAX_GRANT).unwrap_or(now);
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(exp).saturating_add(leeway))
+        .map_or(cap, |e| e.min(cap))
 }
 
 #[derive(Debug, Deserialize)]
@@ -479,6 +494,21 @@ mod tests {
         assert!(matches("*", "anything"));
         // `*` only means something at the end.
         assert!(!matches("j*b", "jxb"));
+    }
+
+    #[test]
+    fn far_future_exp_saturates_at_the_cap() {
+        let now = SystemTime::now();
+        for exp in [u64::MAX, i64::MAX as u64, 1 << 62] {
+            assert_eq!(
+                grant_expiry(exp, Duration::from_secs(5), now),
+                now + MAX_GRANT
+            );
+        }
+        assert_eq!(
+            grant_expiry(1000, Duration::from_secs(5), now),
+            UNIX_EPOCH + Duration::from_secs(1005)
+        );
     }
 
     #[test]

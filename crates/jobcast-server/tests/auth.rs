@@ -685,3 +685,48 @@ fn config_debug_hides_the_secret() {
     let text = format!("{config:?}");
     assert!(!text.contains(SECRET), "{text}");
 }
+
+/// A validly signed token whose `exp` is as far as a JSON number goes gets
+/// a normal answer (its grant is capped at 100 years), on every path that
+/// turns `exp` into a deadline: the guard, a JSON page, a long poll, SSE on
+/// the lean path and on hyper's. A huge `nbf` is just "not valid yet".
+#[tokio::test]
+async fn a_far_future_exp_is_answered_normally() {
+    for lean in [true, false] {
+        let s = TestServer::start_with(|c| {
+            c.auth = Some(Auth::hs256(SECRET).unwrap().with_leeway(Duration::ZERO));
+            c.lean_sse = lean;
+        })
+        .await;
+        for exp in [i64::MAX as u64, u64::MAX, 1 << 62, 253_402_300_800] {
+            let t = hs(json!({ "exp": exp, "jobcast": { "publish": ["*"], "subscribe": ["*"] } }));
+            let (st, v) = send(&s, Req::Append("far-1"), Some(&t), Via::Bearer).await;
+            assert_eq!(st, 201, "exp={exp}: {v}");
+            let (st, v) = send(&s, Req::Read("far-1"), Some(&t), Via::Bearer).await;
+            assert_eq!(st, 200, "exp={exp}: {v}");
+            let last = v["next"].as_str().unwrap().to_owned();
+            let res = s
+                .client
+                .get(s.url(&format!("/v1/streams/far-1/events?after={last}&wait=1")))
+                .bearer_auth(&t)
+                .send()
+                .await
+                .expect("a long poll is answered");
+            assert_eq!(res.status(), 200, "exp={exp}");
+            let mut sse = Sse::new(
+                s.client
+                    .get(s.url("/v1/streams/far-1/events"))
+                    .header("accept", "text/event-stream")
+                    .bearer_auth(&t)
+                    .send()
+                    .await
+                    .expect("an SSE watch is answered"),
+            );
+            assert_eq!(sse.status, 200, "lean={lean} exp={exp}");
+            assert_eq!(sse.next_event(T).await.expect("the event").data, "x");
+        }
+        let t = hs(json!({ "exp": u64::MAX, "nbf": u64::MAX, "jobcast": { "subscribe": ["*"] } }));
+        let (st, v) = send(&s, Req::Read("far-1"), Some(&t), Via::Bearer).await;
+        assert_eq!((st, code(&v)), (401, "token_not_yet_valid"), "{v}");
+    }
+}
