@@ -94,8 +94,14 @@ struct ServeArgs {
     #[arg(long, env = "JOBCAST_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
     /// Database URL: sqlite://PATH (created if missing), or
-    /// postgres://USER@HOST/DB for several nodes on one database.
-    #[arg(long, env = "JOBCAST_DB", default_value = "sqlite://jobcast.db")]
+    /// postgres://USER@HOST/DB for several nodes on one database. A password
+    /// in it is never shown (logs, errors, --help).
+    #[arg(
+        long,
+        env = "JOBCAST_DB",
+        default_value = "sqlite://jobcast.db",
+        hide_env_values = true
+    )]
     db: String,
     /// SQLite durability: normal survives kill -9, full also survives power loss.
     #[arg(long, env = "JOBCAST_SYNC", value_enum, default_value = "normal")]
@@ -269,12 +275,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
         Some(a) => tracing::info!(alg = ?a.algorithm(), "authentication on"),
         None => tracing::info!("authentication off"),
     }
+    // The URL may carry a password: it is shown redacted, everywhere.
+    let db_shown = jobcast_server::config::redact_db_url(&args.db);
     let server = Jobcast::open(config)
         .await
-        .with_context(|| format!("opening the store {}", args.db))?;
+        .with_context(|| format!("opening the store {db_shown}"))?;
     let listener = listen(args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, db = %args.db, "jobcast listening");
+    tracing::info!(%addr, db = %db_shown, "jobcast listening");
     server.serve(listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())

@@ -286,7 +286,9 @@ impl Store {
         } else if config.db.starts_with("postgres://") || config.db.starts_with("postgresql://") {
             Ok(Store::Postgres(PgStore::open(config, hub, metrics).await?))
         } else {
-            Err(StoreError::UnsupportedUrl(config.db.clone()))
+            Err(StoreError::UnsupportedUrl(crate::config::redact_db_url(
+                &config.db,
+            )))
         }
     }
 
