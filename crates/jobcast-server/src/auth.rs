@@ -274,6 +274,11 @@ impl Grant {
         }
     }
 
+    /// The patterns of the streams this grant may watch (for the stream list).
+    pub fn subscribe_patterns(&self) -> &[String] {
+        &self.subscribe
+    }
+
     /// Whether this grant may watch and read `stream`.
     pub fn may_subscribe(&self, stream: &str) -> bool {
         self.subscribe.iter().any(|p| matches(p, stream))
