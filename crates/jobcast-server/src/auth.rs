@@ -58,7 +58,28 @@ pub enum KeyError {
     /// An HS256 secret must not be empty.
     #[error("the JWT secret is empty")]
     EmptySecret,
+    /// An HS256 secret shorter than [`MIN_SECRET_BYTES`]: one token is
+    /// enough to guess it offline.
+    #[error(
+        "the JWT secret is {len} bytes; at least 32 bytes are needed \
+         (e.g. `openssl rand -base64 32`)"
+    )]
+    ShortSecret {
+        /// The secret's length in bytes.
+        len: usize,
+    },
+    /// A private key where a public key belongs: the server only verifies,
+    /// and a private key on every node is a key that can mint tokens.
+    #[error(
+        "this is a private key; give the server the public key \
+         (e.g. `openssl pkey -in key.pem -pubout`)"
+    )]
+    PrivateKey,
 }
+
+/// The shortest HS256 secret accepted (RFC 7518 §3.2: a key of at least
+/// the hash's size, 256 bits).
+pub const MIN_SECRET_BYTES: usize = 32;
 
 /// How tokens are verified: one key, one pinned algorithm. Its `Debug`
 /// never shows the key.
@@ -67,6 +88,8 @@ pub struct Auth {
     key: Arc<DecodingKey>,
     alg: Algorithm,
     leeway: Duration,
+    audience: Option<String>,
+    issuer: Option<String>,
 }
 
 impl fmt::Debug for Auth {
@@ -75,13 +98,26 @@ impl fmt::Debug for Auth {
             .field("alg", &self.alg)
             .field("key", &"<redacted>")
             .field("leeway", &self.leeway)
+            .field("audience", &self.audience)
+            .field("issuer", &self.issuer)
             .finish()
     }
 }
 
 impl Auth {
-    /// Verifies HS256 tokens with a shared secret.
+    /// Verifies HS256 tokens with a shared secret of at least
+    /// [`MIN_SECRET_BYTES`] bytes.
     pub fn hs256(secret: impl AsRef<[u8]>) -> Result<Auth, KeyError> {
+        let len = secret.as_ref().len();
+        if len > 0 && len < MIN_SECRET_BYTES {
+            return Err(KeyError::ShortSecret { len });
+        }
+        Self::hs256_allow_short(secret)
+    }
+
+    /// Like [`Auth::hs256`], accepting a secret of any non-zero length
+    /// (`--insecure-short-secret`: for tests and migrations only).
+    pub fn hs256_allow_short(secret: impl AsRef<[u8]>) -> Result<Auth, KeyError> {
         let secret = secret.as_ref();
         if secret.is_empty() {
             return Err(KeyError::EmptySecret);
@@ -96,6 +132,11 @@ impl Auth {
     /// given, else inferred from the key's type (Ed25519: EdDSA, RSA: RS256) —
     /// never from a token.
     pub fn public_key_pem(pem: &[u8], alg: Option<KeyAlg>) -> Result<Auth, KeyError> {
+        // jsonwebtoken would take an RSA private key and verify with it; a
+        // private key has no business on a server that only verifies.
+        if pem.windows(11).any(|w| w == b"PRIVATE KEY") {
+            return Err(KeyError::PrivateKey);
+        }
         let ed = || DecodingKey::from_ed_pem(pem).map(|k| Self::new(k, Algorithm::EdDSA));
         let rsa = || DecodingKey::from_rsa_pem(pem).map(|k| Self::new(k, Algorithm::RS256));
         match alg {
@@ -121,7 +162,21 @@ impl Auth {
             key: Arc::new(key),
             alg,
             leeway: Duration::from_secs(5),
+            audience: None,
+            issuer: None,
         }
+    }
+
+    /// Tokens must carry this `aud` (a string, or an array containing it).
+    pub fn with_audience(mut self, audience: impl Into<String>) -> Auth {
+        self.audience = Some(audience.into());
+        self
+    }
+
+    /// Tokens must carry this `iss`.
+    pub fn with_issuer(mut self, issuer: impl Into<String>) -> Auth {
+        self.issuer = Some(issuer.into());
+        self
     }
 
     /// Clock skew tolerated on `exp` and `nbf` (default 5 s). A token is
@@ -141,8 +196,19 @@ impl Auth {
         let mut v = Validation::new(self.alg);
         v.leeway = self.leeway.as_secs();
         v.validate_nbf = true;
-        v.validate_aud = false;
-        v.set_required_spec_claims(&["exp"]);
+        let mut required = vec!["exp"];
+        match &self.audience {
+            Some(aud) => {
+                v.set_audience(&[aud]);
+                required.push("aud");
+            }
+            None => v.validate_aud = false,
+        }
+        if let Some(iss) = &self.issuer {
+            v.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        v.set_required_spec_claims(&required);
         let data =
             jsonwebtoken::decode::<Claims>(token, &self.key, &v).map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -180,6 +246,11 @@ fn grant_expiry(exp: u64, leeway: Duration, now: SystemTime) -> SystemTime {
 #[derive(Debug, Deserialize)]
 struct Claims {
     exp: u64,
+    /// Checked by jsonwebtoken, which skips a malformed one: declared here
+    /// so that anything but a whole number of seconds fails to decode.
+    #[serde(default)]
+    #[allow(dead_code)]
+    nbf: Option<u64>,
     #[serde(default)]
     jobcast: Option<Perms>,
 }

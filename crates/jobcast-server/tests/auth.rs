@@ -730,3 +730,107 @@ async fn a_far_future_exp_is_answered_normally() {
         assert_eq!((st, code(&v)), (401, "token_not_yet_valid"), "{v}");
     }
 }
+
+/// A malformed `nbf` (not a whole number of seconds) is refused, not
+/// ignored: a token must not become valid early because its issuer wrote
+/// the time in another form.
+#[tokio::test]
+async fn a_malformed_nbf_is_refused() {
+    let s = server().await;
+    let perms = json!({ "publish": ["*"], "subscribe": ["*"] });
+    for nbf in [
+        json!("0"),
+        json!("soon"),
+        json!(1.5),
+        json!(-1),
+        json!({}),
+        json!([0]),
+    ] {
+        let t = hs(json!({ "exp": now() + 3600, "nbf": nbf, "jobcast": perms }));
+        let (st, v) = send(&s, Req::Meta("nbf-1"), Some(&t), Via::Bearer).await;
+        assert_eq!((st, code(&v)), (401, "token_invalid"), "nbf={nbf}: {v}");
+    }
+    let t = hs(json!({ "exp": now() + 3600, "nbf": now() - 10, "jobcast": perms }));
+    let (st, v) = send(&s, Req::Append("nbf-1"), Some(&t), Via::Bearer).await;
+    assert_eq!(st, 201, "a well-formed nbf in the past: {v}");
+}
+
+/// With an audience and an issuer configured, a token must carry both,
+/// matching (`aud` as a string or an array containing it); without them
+/// configured, neither claim is looked at.
+#[tokio::test]
+async fn audience_and_issuer_are_checked_when_configured() {
+    let s = TestServer::start_with(|c| {
+        c.auth = Some(
+            Auth::hs256(SECRET)
+                .unwrap()
+                .with_leeway(Duration::ZERO)
+                .with_audience("jobcast-test")
+                .with_issuer("https://issuer.test"),
+        );
+    })
+    .await;
+    let perms = json!({ "publish": ["*"], "subscribe": ["*"] });
+    let exp = now() + 3600;
+    let rows = [
+        (
+            json!({ "aud": "jobcast-test", "iss": "https://issuer.test" }),
+            201,
+        ),
+        (
+            json!({ "aud": ["other", "jobcast-test"], "iss": "https://issuer.test" }),
+            201,
+        ),
+        (json!({ "iss": "https://issuer.test" }), 401),
+        (json!({ "aud": "jobcast-test" }), 401),
+        (json!({ "aud": "other", "iss": "https://issuer.test" }), 401),
+        (
+            json!({ "aud": "jobcast-test", "iss": "https://evil.test" }),
+            401,
+        ),
+        (json!({ "aud": "jobcast-test", "iss": 7 }), 401),
+        (json!({ "aud": 7, "iss": "https://issuer.test" }), 401),
+    ];
+    for (extra, want) in rows {
+        let mut claims = json!({ "exp": exp, "jobcast": perms });
+        for (k, v) in extra.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        let (st, v) = send(
+            &s,
+            Req::Append("aud-1"),
+            Some(&hs(claims.clone())),
+            Via::Bearer,
+        )
+        .await;
+        assert_eq!(st, want, "{claims}: {v}");
+        if want == 401 {
+            assert_eq!(code(&v), "token_invalid", "{claims}: {v}");
+        }
+    }
+    // Not configured: aud and iss are not required (and not checked).
+    let plain = server().await;
+    let t = hs(json!({ "exp": exp, "aud": "anything", "iss": "anyone", "jobcast": perms }));
+    let (st, v) = send(&plain, Req::Append("aud-1"), Some(&t), Via::Bearer).await;
+    assert_eq!(st, 201, "{v}");
+}
+
+/// Keys that cannot be right are refused when the server is configured:
+/// an HS256 secret shorter than 32 bytes (guessable offline from one token),
+/// and a private key given where a public key belongs.
+#[test]
+fn short_secrets_and_private_keys_are_refused() {
+    let err = Auth::hs256("0123456789abcdef0123456789abcde").unwrap_err();
+    assert!(err.to_string().contains("32 bytes"), "{err}");
+    assert!(Auth::hs256("0123456789abcdef0123456789abcdef").is_ok());
+    assert!(Auth::hs256_allow_short("short").is_ok());
+    for (file, alg) in [
+        ("rsa.pem", None),
+        ("rsa.pem", Some(KeyAlg::Rs256)),
+        ("ed25519.pem", None),
+        ("ed25519.pem", Some(KeyAlg::EdDsa)),
+    ] {
+        let err = Auth::public_key_pem(&key_file(file), alg).unwrap_err();
+        assert!(err.to_string().contains("private key"), "{file}: {err}");
+    }
+}

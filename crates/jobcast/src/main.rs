@@ -167,6 +167,16 @@ struct ServeArgs {
     /// The algorithm of --jwt-public-key (default: from the key's type; never from a token).
     #[arg(long, env = "JOBCAST_JWT_ALG", value_enum, requires = "jwt_public_key")]
     jwt_alg: Option<JwtAlg>,
+    /// Tokens must carry this `aud` claim (a string, or an array containing it).
+    #[arg(long, env = "JOBCAST_JWT_AUDIENCE", value_name = "A")]
+    jwt_audience: Option<String>,
+    /// Tokens must carry this `iss` claim.
+    #[arg(long, env = "JOBCAST_JWT_ISSUER", value_name = "I")]
+    jwt_issuer: Option<String>,
+    /// Accept a --jwt-secret shorter than 32 bytes (guessable offline from a
+    /// single token: for tests only).
+    #[arg(long, env = "JOBCAST_INSECURE_SHORT_SECRET", requires = "jwt_secret")]
+    insecure_short_secret: bool,
     /// Clock skew tolerated on a token's exp and nbf.
     #[arg(long, env = "JOBCAST_JWT_LEEWAY", default_value = "5s", value_parser = duration)]
     jwt_leeway: Duration,
@@ -217,7 +227,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         bail!("--max-batch and --max-body-bytes must be at least 1");
     }
     let auth = match (&args.jwt_secret, &args.jwt_public_key) {
-        (Some(s), _) => Some(Auth::hs256(&s.0).context("--jwt-secret")?),
+        (Some(s), _) if args.insecure_short_secret => {
+            Some(Auth::hs256_allow_short(&s.0).context("--jwt-secret")?)
+        }
+        (Some(s), _) => Some(
+            Auth::hs256(&s.0).context("--jwt-secret (or --insecure-short-secret, for tests)")?,
+        ),
         (None, Some(path)) => {
             let pem = std::fs::read(path)
                 .with_context(|| format!("reading --jwt-public-key {}", path.display()))?;
@@ -232,7 +247,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         (None, None) => None,
     }
-    .map(|a| a.with_leeway(args.jwt_leeway));
+    .map(|a| {
+        let a = a.with_leeway(args.jwt_leeway);
+        let a = match &args.jwt_audience {
+            Some(aud) => a.with_audience(aud),
+            None => a,
+        };
+        match &args.jwt_issuer {
+            Some(iss) => a.with_issuer(iss),
+            None => a,
+        }
+    });
     // Safe default: without authentication, only this machine may connect.
     if auth.is_none() && !args.listen.ip().is_loopback() && !args.insecure_no_auth {
         bail!(
