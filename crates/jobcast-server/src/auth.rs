@@ -589,7 +589,7 @@ mod tests {
 
     #[test]
     fn debug_redacts_the_key() {
-        let a = Auth::hs256("super-secret-value").unwrap();
+        let a = Auth::hs256("super-secret-value-of-32-bytes-or-more").unwrap();
         let s = format!("{a:?}");
         assert!(!s.contains("super-secret"), "{s}");
         assert!(s.contains("redacted"));

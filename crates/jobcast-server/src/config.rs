@@ -32,6 +32,12 @@ pub struct Config {
     pub max_duration: Duration,
     /// A write that makes no progress for this long drops the connection.
     pub write_timeout: Duration,
+    /// A request head (request line and headers) must arrive whole within
+    /// this long, however it is read; else 408 (when bytes came) and close.
+    pub header_timeout: Duration,
+    /// A request body must make progress (a byte, a chunk) at least this
+    /// often; else 408 `body_timeout` and close.
+    pub body_timeout: Duration,
     /// Largest event data, in bytes.
     pub max_event_bytes: usize,
     /// Largest request body, in bytes.
@@ -90,6 +96,8 @@ impl Default for Config {
             max_wait: Duration::from_secs(600),
             max_duration: Duration::from_secs(3600),
             write_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
             max_event_bytes: 1 << 20,
             max_body_bytes: 16 << 20,
             max_batch: 1000,
@@ -126,6 +134,8 @@ impl std::fmt::Debug for Config {
             max_wait,
             max_duration,
             write_timeout,
+            header_timeout,
+            body_timeout,
             max_event_bytes,
             max_body_bytes,
             max_batch,
@@ -156,6 +166,8 @@ impl std::fmt::Debug for Config {
             .field("max_wait", max_wait)
             .field("max_duration", max_duration)
             .field("write_timeout", write_timeout)
+            .field("header_timeout", header_timeout)
+            .field("body_timeout", body_timeout)
             .field("max_event_bytes", max_event_bytes)
             .field("max_body_bytes", max_body_bytes)
             .field("max_batch", max_batch)

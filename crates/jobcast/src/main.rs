@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Client commands: tail, publish, complete, fail, delete, streams.
     #[command(flatten)]
     Client(cli::ClientCommand),
@@ -121,6 +121,12 @@ struct ServeArgs {
     /// A connection whose socket accepts no bytes for this long is dropped.
     #[arg(long, env = "JOBCAST_WRITE_TIMEOUT", default_value = "30s", value_parser = duration)]
     write_timeout: Duration,
+    /// A request head must arrive whole within this long (else 408, closed).
+    #[arg(long, env = "JOBCAST_HEADER_TIMEOUT", default_value = "30s", value_parser = duration)]
+    header_timeout: Duration,
+    /// A request body must make progress at least this often (else 408 `body_timeout`, closed).
+    #[arg(long, env = "JOBCAST_BODY_TIMEOUT", default_value = "30s", value_parser = duration)]
+    body_timeout: Duration,
     /// Largest event data, in bytes.
     #[arg(long, env = "JOBCAST_MAX_EVENT_BYTES", default_value_t = 1 << 20)]
     max_event_bytes: usize,
@@ -196,7 +202,7 @@ struct ServeArgs {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args).await.map(|()| std::process::ExitCode::SUCCESS),
+        Command::Serve(args) => serve(*args).await.map(|()| std::process::ExitCode::SUCCESS),
         Command::Client(cmd) => cli::run(cmd).await,
         Command::Bench(args) => bench::run(args)
             .await
@@ -220,6 +226,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if args.header_timeout.is_zero() || args.body_timeout.is_zero() {
+        bail!("--header-timeout and --body-timeout must be above 0");
+    }
     if args.max_event_bytes == 0 {
         bail!("--max-event-bytes must be at least 1");
     }
@@ -280,6 +289,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_wait: args.max_wait,
         max_duration: args.max_duration,
         write_timeout: args.write_timeout,
+        header_timeout: args.header_timeout,
+        body_timeout: args.body_timeout,
         max_event_bytes: args.max_event_bytes,
         retention_ttl: args.retention,
         max_events_per_stream: args.max_events_per_stream,

@@ -78,32 +78,69 @@ pub fn app(state: AppState) -> Router {
     router.with_state(state)
 }
 
-/// A request body read whole, up to `--max-body-bytes` (else 413 `body_too_large`).
+/// A request body read whole, up to `--max-body-bytes` (else 413
+/// `body_too_large`, at once when `Content-Length` says so), each piece
+/// within `--body-timeout` of the last (else 408 `body_timeout`). Either
+/// refusal closes the connection: the rest of the body is never read.
 #[derive(Debug)]
 pub struct RawBody(pub axum::body::Bytes);
 
 impl axum::extract::FromRequest<AppState> for RawBody {
-    type Rejection = ApiError;
+    type Rejection = Response;
 
-    async fn from_request(req: axum::extract::Request, state: &AppState) -> Result<Self, ApiError> {
+    async fn from_request(req: axum::extract::Request, state: &AppState) -> Result<Self, Response> {
         use http_body_util::BodyExt;
         let limit = state.config.max_body_bytes;
+        let idle = state.config.body_timeout;
+        let closing = |e: ApiError| {
+            let mut res = e.into_response();
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            res
+        };
         let too_large = || {
-            ApiError::new(
+            closing(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
                 format!("the request body is larger than {limit} bytes"),
-            )
+            ))
         };
-        let body = http_body_util::Limited::new(req.into_body(), limit);
-        match body.collect().await {
-            Ok(c) => Ok(RawBody(c.to_bytes())),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-            Err(e) => Err(ApiError::bad_request(
-                "invalid_body",
-                format!("the request body could not be read: {e}"),
-            )),
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(too_large());
         }
+        let mut body = req.into_body();
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            let frame = match tokio::time::timeout(idle, body.frame()).await {
+                Err(_) => {
+                    return Err(closing(ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "body_timeout",
+                        format!("the request body made no progress for {idle:?}"),
+                    )))
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    return Err(closing(ApiError::bad_request(
+                        "invalid_body",
+                        format!("the request body could not be read: {e}"),
+                    )))
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(too_large());
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(RawBody(buf.freeze()))
     }
 }
 
