@@ -76,6 +76,10 @@ pub struct Config {
     /// Origins whose pages may call the API (CORS); `*` means any origin,
     /// without credentials. Empty: no CORS headers.
     pub cors_origins: Vec<String>,
+    /// Without authentication, the `Host` names served besides loopback ones
+    /// (`localhost`, `*.localhost`, `127.x.y.z`, `[::1]`); `*`: any. Ignored
+    /// when authentication is on.
+    pub allowed_hosts: Vec<String>,
     /// Most connections open at once; more are answered 503 and closed.
     pub max_connections: usize,
     /// Most connections open at once from one IP address (None: no limit);
@@ -115,6 +119,7 @@ impl Default for Config {
             auth: None,
             auth_cookie: "jobcast_token".into(),
             cors_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
             max_connections: 16_384,
             max_connections_per_ip: None,
             max_watchers_per_stream: 10_000,
@@ -153,6 +158,7 @@ impl std::fmt::Debug for Config {
             auth,
             auth_cookie,
             cors_origins,
+            allowed_hosts,
             max_connections,
             max_connections_per_ip,
             max_watchers_per_stream,
@@ -185,6 +191,7 @@ impl std::fmt::Debug for Config {
             .field("auth", auth)
             .field("auth_cookie", auth_cookie)
             .field("cors_origins", cors_origins)
+            .field("allowed_hosts", allowed_hosts)
             .field("max_connections", max_connections)
             .field("max_connections_per_ip", max_connections_per_ip)
             .field("max_watchers_per_stream", max_watchers_per_stream)

@@ -192,6 +192,15 @@ struct ServeArgs {
     /// An origin whose pages may call the API (CORS); repeat it, or `*` for any (no cookies).
     #[arg(long, env = "JOBCAST_CORS_ORIGIN", value_delimiter = ',', value_parser = origin)]
     cors_origin: Vec<String>,
+    /// Without authentication, also answer requests whose Host is this name
+    /// (loopback names always are; `*`: any, which re-opens DNS rebinding).
+    #[arg(
+        long,
+        env = "JOBCAST_ALLOWED_HOST",
+        value_delimiter = ',',
+        value_name = "H"
+    )]
+    allowed_host: Vec<String>,
     /// Serve without authentication on a non-loopback address (anyone who
     /// can reach it may publish, delete and watch every stream).
     #[arg(long, env = "JOBCAST_INSECURE_NO_AUTH")]
@@ -305,6 +314,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         auth,
         auth_cookie: args.auth_cookie.clone(),
         cors_origins: args.cors_origin.clone(),
+        allowed_hosts: args.allowed_host.clone(),
         ..Config::default()
     };
     match &config.auth {

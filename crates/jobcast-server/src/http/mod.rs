@@ -4,6 +4,7 @@ mod cors;
 mod error;
 mod events;
 pub mod input;
+mod origin;
 mod sse;
 mod streams;
 mod ui;
@@ -69,7 +70,13 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // RawBody enforces the configured limit with a JSON error instead.
-        .layer(axum::extract::DefaultBodyLimit::disable());
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        // Before routing, for every route and the fallbacks: without auth,
+        // foreign Host names and cross-site writes stop here.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            origin::check,
+        ));
     // Outermost, so that preflights and every answer (401s too) carry CORS headers.
     let router = match cors::layer(&state.config.cors_origins) {
         Some(cors) => router.layer(cors),
