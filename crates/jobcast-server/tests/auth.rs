@@ -834,3 +834,59 @@ fn short_secrets_and_private_keys_are_refused() {
         assert!(err.to_string().contains("private key"), "{file}: {err}");
     }
 }
+
+/// Every route declares its permission where it is defined, and the guard
+/// checks exactly that: walking the declared routes, each non-public one
+/// answers 401 without a token and 403 (or, for `Token`, 200) with a valid
+/// token that grants nothing; every `/v1` route needs more than nothing,
+/// and every `/v1` write needs publish.
+#[tokio::test]
+async fn every_declared_route_is_guarded_as_declared() {
+    use jobcast_server::http::{declared_routes, Need};
+    let s = server().await;
+    let admin = hs(claims(&["*"], &["*"]));
+    let (st, _) = send(&s, Req::Append("g-1"), Some(&admin), Via::Bearer).await;
+    assert_eq!(st, 201);
+    let nothing = hs(json!({ "exp": now() + 3600 }));
+    let routes = declared_routes(s.server.state());
+    assert!(routes.len() >= 13, "{routes:?}");
+    for r in &routes {
+        let path = r.path.replace("{id}", "g-1").replace("{*path}", "app.js");
+        if r.path.starts_with("/v1") {
+            assert_ne!(r.need, Need::Public, "{r:?}");
+            // A write route never falls through to "any valid token".
+            if r.method != reqwest::Method::GET {
+                assert_eq!(r.need, Need::Publish, "a write must need publish: {r:?}");
+            }
+        }
+        for (token, want) in [
+            (
+                None,
+                if r.need == Need::Public {
+                    None
+                } else {
+                    Some(401)
+                },
+            ),
+            (
+                Some(&nothing),
+                match r.need {
+                    Need::Public => None,
+                    Need::Token => Some(200),
+                    _ => Some(403),
+                },
+            ),
+        ] {
+            let mut b = s.client.request(r.method.clone(), s.url(&path));
+            if let Some(t) = token {
+                b = b.bearer_auth(t);
+            }
+            let res = b.send().await.unwrap();
+            let st = res.status().as_u16();
+            match want {
+                Some(w) => assert_eq!(st, w, "{r:?} token={}", token.is_some()),
+                None => assert!(st != 401 && st != 403, "{r:?}: {st}"),
+            }
+        }
+    }
+}

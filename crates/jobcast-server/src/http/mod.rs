@@ -3,6 +3,7 @@
 mod cors;
 mod error;
 mod events;
+mod guard;
 pub mod input;
 mod origin;
 mod sse;
@@ -13,13 +14,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
+use axum::handler::Handler;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{on, MethodFilter};
 use axum::Router;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
+pub use guard::Need;
 
 use crate::config::Config;
 use crate::hub::Hub;
@@ -42,31 +45,8 @@ pub struct AppState {
 
 /// The router of the whole API.
 pub fn app(state: AppState) -> Router {
-    let router = Router::new()
-        .route("/v1/streams", get(streams::list))
-        .route(
-            "/v1/streams/{id}",
-            put(streams::create)
-                .get(streams::get)
-                .delete(streams::delete),
-        )
-        .route(
-            "/v1/streams/{id}/events",
-            post(events::append).get(events::read),
-        )
-        .route("/v1/streams/{id}/complete", post(streams::complete))
-        .route("/v1/streams/{id}/fail", post(streams::fail))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/", get(ui::index))
-        .route("/ui/{*path}", get(ui::asset))
-        // After routing, so the guard sees the route and the decoded stream id;
-        // before any body is read, so a stranger's body is never buffered.
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            crate::auth::guard,
-        ))
+    let router = routes(&state)
+        .router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // RawBody enforces the configured limit with a JSON error instead.
@@ -83,6 +63,99 @@ pub fn app(state: AppState) -> Router {
         None => router,
     };
     router.with_state(state)
+}
+
+/// Every route, each with the permission it needs, declared together.
+fn routes(state: &AppState) -> Routes {
+    use http::Method as M;
+    use Need::*;
+    Routes::new(state)
+        .add(M::GET, "/v1/streams", Token, streams::list)
+        .add(M::GET, "/v1/streams/{id}", Subscribe, streams::get)
+        .add(M::PUT, "/v1/streams/{id}", Publish, streams::create)
+        .add(M::DELETE, "/v1/streams/{id}", Publish, streams::delete)
+        .add(M::GET, "/v1/streams/{id}/events", Subscribe, events::read)
+        .add(M::POST, "/v1/streams/{id}/events", Publish, events::append)
+        .add(
+            M::POST,
+            "/v1/streams/{id}/complete",
+            Publish,
+            streams::complete,
+        )
+        .add(M::POST, "/v1/streams/{id}/fail", Publish, streams::fail)
+        .add(M::GET, "/healthz", Public, healthz)
+        .add(M::GET, "/readyz", Public, readyz)
+        .add(M::GET, "/metrics", Metrics, metrics)
+        .add(M::GET, "/", Public, ui::index)
+        .add(M::GET, "/ui/{*path}", Public, ui::asset)
+}
+
+/// A route as declared: method, path template, and what it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeclaredRoute {
+    /// The method (GET also answers HEAD).
+    pub method: http::Method,
+    /// The path template, e.g. `/v1/streams/{id}`.
+    pub path: &'static str,
+    /// The permission the route's guard checks.
+    pub need: Need,
+}
+
+/// The router's routes as declared, for tests that walk them.
+#[doc(hidden)]
+pub fn declared_routes(state: &AppState) -> Vec<DeclaredRoute> {
+    routes(state).declared
+}
+
+/// The only way a route is added: with the [`Need`] its guard checks, so a
+/// route cannot exist without a declared permission (no second table of
+/// templates to keep in step, no fall-through to "any valid token").
+struct Routes {
+    state: AppState,
+    router: Router<AppState>,
+    declared: Vec<DeclaredRoute>,
+}
+
+impl Routes {
+    fn new(state: &AppState) -> Routes {
+        Routes {
+            state: state.clone(),
+            router: Router::new(),
+            declared: Vec::new(),
+        }
+    }
+
+    fn add<H, T>(
+        mut self,
+        method: http::Method,
+        path: &'static str,
+        need: Need,
+        handler: H,
+    ) -> Routes
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        // The table above uses standard methods only, each of which axum
+        // can filter on; every test builds this router, so a mistake here
+        // cannot reach a release.
+        let filter = MethodFilter::try_from(method.clone())
+            .unwrap_or_else(|e| panic!("route {method} {path}: {e}"));
+        // After routing, so the guard sees the decoded stream id; before any
+        // body is read, so a stranger's body is never buffered.
+        let guard = axum::middleware::from_fn_with_state(
+            guard::Guarded {
+                state: self.state.clone(),
+                need,
+            },
+            guard::guard,
+        );
+        self.router = self
+            .router
+            .route(path, on(filter, handler).route_layer(guard));
+        self.declared.push(DeclaredRoute { method, path, need });
+        self
+    }
 }
 
 /// A request body read whole, up to `--max-body-bytes` (else 413
