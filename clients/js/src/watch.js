@@ -375,7 +375,8 @@ export class Watch {
         if (m.current() !== 'open') break;
       }
     } catch (e) {
-      if (m.current() === 'open') error = this.networkError(e, timer.fired, url);
+      // A stream past the parser's bounds is broken like a cut connection: reconnect.
+      if (m.current() === 'open') error = e instanceof JobcastError ? e : this.networkError(e, timer.fired, url);
     } finally {
       timer.clear();
       ac.abort(); // releases the connection, also after the end or an error
@@ -464,12 +465,16 @@ export class Watch {
   }
 }
 
+/** The most characters of one SSE line, and of one event, a connection may hold: 16 Mi. */
+export const MAX_SSE_CHARS = 16 * 1024 * 1024;
+
 /**
  * The bytes of one SSE connection to the machine: UTF-8 decoding (a leading
  * BOM stripped, characters split across chunks joined), the spec-exact
  * parser, and the last-event-id buffer, which WHATWG keeps across the events
  * of a connection. A new one per connection, so that an incomplete final
- * event never leaks into the next.
+ * event never leaks into the next. Past [MAX_SSE_CHARS] in a line or an
+ * event, `feed` throws a retryable `stream_too_large` JobcastError.
  * @param {Machine} m
  * @param {import('./machine.js').Item[]} out
  * @param {() => number} random
@@ -478,6 +483,39 @@ export class Watch {
 export function connectionParser(m, out, random) {
   /** @type {string | undefined} */
   let lastId;
+  // Bounds (as the Rust decoder's): characters since the last line break and
+  // since the last blank line. A proxy that lost line breaks must not grow
+  // the parser's buffers without end.
+  let line = 0;
+  let event = 0;
+  let lastWasLf = false;
+  /** @param {string} t text with LF line ends */
+  const account = (t) => {
+    let i = 0;
+    for (;;) {
+      const j = t.indexOf('\n', i);
+      if (j === -1) {
+        if (t.length > i) {
+          line += t.length - i;
+          event += t.length - i;
+          lastWasLf = false;
+        }
+        break;
+      }
+      if (j === i && lastWasLf) event = 0; // a blank line ends the event
+      else event += j - i + 1;
+      line = 0;
+      lastWasLf = true;
+      i = j + 1;
+    }
+    if (line > MAX_SSE_CHARS || event > MAX_SSE_CHARS) {
+      throw new JobcastError(
+        'stream_too_large',
+        `an SSE ${line > MAX_SSE_CHARS ? 'line' : 'event'} is longer than ${MAX_SSE_CHARS} characters`,
+        { retryable: true },
+      );
+    }
+  };
   const decoder = new TextDecoder();
   const parser = createParser({
     onEvent: (ev) => {
@@ -498,7 +536,9 @@ export function connectionParser(m, out, random) {
       skipLf = false;
       if (text === '') return;
       skipLf = text.endsWith('\r');
-      parser.feed(text.replace(/\r\n?/g, '\n'));
+      const normal = text.replace(/\r\n?/g, '\n');
+      account(normal);
+      parser.feed(normal);
     },
   };
 }

@@ -6,7 +6,7 @@ import { after, before, describe, test } from 'node:test';
 import { watch } from '../src/index.js';
 import { BIN, record, startServer } from './support.js';
 
-const SECRET = 'test-secret-for-jobcast-js';
+const SECRET = 'test-secret-for-jobcast-js-0123456789';
 /** @param {unknown} v */
 const b64url = (v) => Buffer.from(typeof v === 'string' ? v : JSON.stringify(v)).toString('base64url');
 

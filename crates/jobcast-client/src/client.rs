@@ -382,6 +382,14 @@ impl Client {
         )
     }
 
+    /// Whether the server is ready (`GET /readyz`: its store answers). With
+    /// the [`RetryPolicy`]; one attempt for a health check.
+    pub async fn ready(&self) -> Result<(), Error> {
+        self.send(Req::new(Method::GET, "/readyz".to_owned()))
+            .await
+            .map(|_| ())
+    }
+
     /// One page of the stream list, newest created first.
     pub async fn list(&self, options: &ListOptions) -> Result<StreamList, Error> {
         let mut req = Req::new(Method::GET, "/v1/streams".to_owned());

@@ -48,6 +48,10 @@ pub enum Error {
     /// An SSE connection closed before the stream's end.
     #[error("the connection closed before the end of the stream")]
     Disconnected,
+    /// The event stream passed the decoder's bound (a line or an event over
+    /// 16 MiB): a broken proxy or server; the watch reconnects.
+    #[error("the event stream is broken")]
+    Decode(#[source] jobcast_protocol::decode::DecodeError),
     /// The server answered with an error status.
     #[error("the server answered {status} {code}: {message}")]
     Api {
@@ -112,7 +116,10 @@ impl Error {
     /// and retryable `jobcast.error`s.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Network { .. } | Error::ReadTimeout { .. } | Error::Disconnected => true,
+            Error::Network { .. }
+            | Error::ReadTimeout { .. }
+            | Error::Disconnected
+            | Error::Decode(_) => true,
             Error::Api { status, .. } => retryable_status(*status),
             Error::Stream(p) => p.retryable,
             _ => false,

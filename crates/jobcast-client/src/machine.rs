@@ -225,7 +225,7 @@ impl Machine {
             return;
         }
         let mut frames = std::mem::take(&mut self.frames);
-        self.reader.feed(bytes, &mut frames);
+        let broken = self.reader.feed(bytes, &mut frames).err();
         for frame in frames.drain(..) {
             if self.state != State::Connected {
                 // After the end or an error, the rest of the connection is ignored.
@@ -238,6 +238,14 @@ impl Machine {
             }
         }
         self.frames = frames;
+        // The frames before the bound were delivered; the rest of this
+        // connection cannot be: reconnect from the last event delivered.
+        if let Some(e) = broken {
+            if self.state == State::Connected {
+                self.reader.finish();
+                self.fail(now, Error::Decode(e), Duration::ZERO, false, random, out);
+            }
+        }
     }
 
     /// The open stream ended (closed by the server, cut, or timed out): reconnect.

@@ -3,7 +3,7 @@
 //! NUL in `id` ignored, digits-only `retry`, incomplete event dropped at the
 //! end of a connection).
 
-pub use jobcast_protocol::decode::{Frame, SseEvent};
+pub use jobcast_protocol::decode::{DecodeError, Frame, SseEvent};
 
 use jobcast_protocol::decode::Decoder;
 
@@ -24,9 +24,11 @@ impl FrameReader {
         Self::default()
     }
 
-    /// Feeds a chunk (split anywhere) and appends the complete frames to `out`.
-    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<Frame>) {
-        self.decoder.feed(chunk, out);
+    /// Feeds a chunk (split anywhere) and appends the complete frames to
+    /// `out`; an error once a line or an event passes the decoder's bound
+    /// (16 MiB): the connection is broken and should be dropped.
+    pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<Frame>) -> Result<(), DecodeError> {
+        self.decoder.try_feed(chunk, out)
     }
 
     /// The connection ended: an event not terminated by a blank line is discarded.
@@ -38,7 +40,8 @@ impl FrameReader {
     pub fn decode_all(body: &[u8]) -> Vec<Frame> {
         let mut reader = FrameReader::new();
         let mut out = Vec::new();
-        reader.feed(body, &mut out);
+        // Past the bound, the frames before it are what the body holds.
+        let _ = reader.feed(body, &mut out);
         reader.finish();
         out
     }

@@ -306,3 +306,39 @@ async fn invalid_stream_ids_fail_before_any_request() {
     assert!(Client::new("not a url").is_err());
     let _ = StreamState::Open;
 }
+
+/// A broken proxy that never ends a line must not grow the client without
+/// bound: past the decoder's limit (16 MiB by default) the connection counts
+/// as broken, and the watch reconnects from the last event it delivered.
+#[tokio::test]
+async fn an_endless_line_is_cut_off_and_the_watch_reconnects() {
+    let mut first = b"id: ab-1\ndata: x\n\ndata: ".to_vec();
+    first.resize(first.len() + 17 * 1024 * 1024, b'z');
+    let server = Scripted::start(
+        vec![
+            Reply::sse(first)
+                .chunked(256 * 1024)
+                .hold(Duration::from_secs(120)),
+            Reply::sse(format!("id: ab-2\ndata: y\n\n{END}")),
+        ],
+        Reply::status(500),
+    )
+    .await;
+    // No read timeout within the test's time: only the line limit can end
+    // the first connection.
+    let client = Client::builder(&server.url)
+        .backoff(Duration::from_millis(5), Duration::from_millis(100))
+        .give_up_after(Duration::from_secs(20))
+        .read_timeout(Duration::from_secs(300))
+        .build()
+        .unwrap();
+    let items = collect(
+        &mut client.watch("job", Start::Beginning),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(events(&items), vec!["ab-1 x", "ab-2 y", "end completed"]);
+    let seen = server.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].header("last-event-id"), Some("ab-1"));
+}

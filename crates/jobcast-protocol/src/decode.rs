@@ -9,6 +9,13 @@
 //!
 //! The decoder performs no I/O: callers [`Decoder::feed`] it bytes in chunks of
 //! any size and collect the [`Frame`]s it produces.
+//!
+//! It is bounded: a line (any field, or a comment) and an event's data may
+//! each hold at most [`Decoder::max_bytes`] bytes (default
+//! [`DEFAULT_MAX_BYTES`], 16 MiB). Past that the stream is broken (a proxy
+//! that lost line breaks, a hostile server): the decoder drops what it holds,
+//! ignores further input and reports [`DecodeError`] from
+//! [`Decoder::try_feed`] (and [`Decoder::error`]) until [`Decoder::finish`].
 
 use std::borrow::Cow;
 
@@ -39,9 +46,48 @@ pub enum Frame {
     Comment(String),
 }
 
+/// The default bound on one line and on one event's data: 16 MiB, far above
+/// the server's largest event (1 MiB by default, `--max-event-bytes`).
+pub const DEFAULT_MAX_BYTES: usize = 16 << 20;
+
+/// Why a stream cannot be decoded further.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// A line grew past the limit without a line break.
+    LineTooLong {
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// An event's data grew past the limit before its blank line.
+    EventTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::LineTooLong { limit } => {
+                write!(f, "an SSE line is longer than {limit} bytes")
+            }
+            DecodeError::EventTooLarge { limit } => {
+                write!(f, "an SSE event's data is larger than {limit} bytes")
+            }
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
 /// Sans-IO decoder: feed bytes, take frames.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Decoder {
+    /// The bound on a line and on an event's data, in bytes.
+    max_bytes: usize,
+    /// Set when a bound was passed: input is ignored until `finish`.
+    error: Option<DecodeError>,
     /// Bytes of the current, not yet terminated line.
     line: Vec<u8>,
     /// The previous chunk ended with CR, so a leading LF in the next chunk
@@ -61,14 +107,77 @@ pub struct Decoder {
     id_set: bool,
 }
 
+impl Default for Decoder {
+    fn default() -> Self {
+        Decoder {
+            max_bytes: DEFAULT_MAX_BYTES,
+            error: None,
+            line: Vec::new(),
+            last_was_cr: false,
+            bom_checked: false,
+            bom_matched: 0,
+            data: String::new(),
+            event_type: String::new(),
+            last_event_id: String::new(),
+            id_set: false,
+        }
+    }
+}
+
 impl Decoder {
-    /// A new decoder.
+    /// A new decoder with the default bound ([`DEFAULT_MAX_BYTES`]).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Feeds bytes (any split, even inside a UTF-8 sequence or between CR and LF) and appends every complete frame to `out`.
+    /// A new decoder whose lines and event data may each hold at most
+    /// `max_bytes` bytes (at least 1).
+    pub fn with_max_bytes(max_bytes: usize) -> Self {
+        Decoder {
+            max_bytes: max_bytes.max(1),
+            ..Self::default()
+        }
+    }
+
+    /// The bound on a line and on an event's data, in bytes.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// Why the decoder stopped, if it did (until [`Decoder::finish`]).
+    pub fn error(&self) -> Option<DecodeError> {
+        self.error
+    }
+
+    /// Feeds bytes (any split, even inside a UTF-8 sequence or between CR and
+    /// LF) and appends every complete frame to `out`. Past a bound the rest
+    /// is ignored; [`Decoder::error`] says so ([`Decoder::try_feed`] returns it).
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<Frame>) {
+        let _ = self.try_feed(bytes, out);
+    }
+
+    /// Like [`Decoder::feed`], returning the error once a bound is passed
+    /// (frames completed before that point are still appended to `out`).
+    pub fn try_feed(&mut self, bytes: &[u8], out: &mut Vec<Frame>) -> Result<(), DecodeError> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        self.feed_bounded(bytes, out);
+        match self.error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Gives up on the stream: frees the buffers and remembers why.
+    fn broken(&mut self, e: DecodeError) {
+        self.error = Some(e);
+        self.line = Vec::new();
+        self.data = String::new();
+        self.event_type = String::new();
+    }
+
+    fn feed_bounded(&mut self, bytes: &[u8], out: &mut Vec<Frame>) {
         let mut rest = self.strip_bom(bytes);
         if rest.is_empty() {
             return;
@@ -82,6 +191,11 @@ impl Decoder {
         }
 
         while let Some(pos) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+            if self.line.len() + pos > self.max_bytes {
+                return self.broken(DecodeError::LineTooLong {
+                    limit: self.max_bytes,
+                });
+            }
             if self.line.is_empty() {
                 // Fast path: the whole line is inside this chunk, no copy needed.
                 self.process_line(&rest[..pos], out);
@@ -103,6 +217,14 @@ impl Decoder {
                 }
             }
             rest = &rest[consumed..];
+            if self.error.is_some() {
+                return;
+            }
+        }
+        if self.line.len() + rest.len() > self.max_bytes {
+            return self.broken(DecodeError::LineTooLong {
+                limit: self.max_bytes,
+            });
         }
         self.line.extend_from_slice(rest);
     }
@@ -118,6 +240,7 @@ impl Decoder {
     /// else, including the leading-BOM check, is reset so the decoder can be reused
     /// for a new stream.
     pub fn finish(&mut self) {
+        self.error = None;
         self.line.clear();
         self.last_was_cr = false;
         self.bom_checked = false;
@@ -179,6 +302,11 @@ impl Decoder {
                 self.event_type.push_str(value);
             }
             "data" => {
+                if self.data.len() + value.len() + 1 > self.max_bytes {
+                    return self.broken(DecodeError::EventTooLarge {
+                        limit: self.max_bytes,
+                    });
+                }
                 self.data.push_str(value);
                 self.data.push('\n');
             }
@@ -258,6 +386,55 @@ mod tests {
         let whole = decode(input);
         assert_eq!(whole, decode_bytewise(input), "bytewise differs");
         whole
+    }
+
+    #[test]
+    fn a_line_past_the_bound_stops_the_decoder() {
+        for split in [1usize, 7, 64, 1000] {
+            let mut d = Decoder::with_max_bytes(64);
+            let mut out = Vec::new();
+            let mut input = b"data: ok\n\n: ".to_vec();
+            input.extend_from_slice(&[b'z'; 100]);
+            input.extend_from_slice(b"\n\ndata: after\n\n");
+            let mut err = None;
+            for chunk in input.chunks(split) {
+                if let Err(e) = d.try_feed(chunk, &mut out) {
+                    err = Some(e);
+                }
+            }
+            assert_eq!(
+                err,
+                Some(DecodeError::LineTooLong { limit: 64 }),
+                "split {split}"
+            );
+            assert_eq!(d.error(), err);
+            // What came before the bound is delivered; nothing after it.
+            assert_eq!(out, vec![ev("message", "ok", "", false)], "split {split}");
+            assert!(d.line.capacity() == 0, "the buffer is freed");
+            d.finish();
+            assert_eq!(d.error(), None);
+            assert_eq!(d.try_feed(b"data: again\n\n", &mut out), Ok(()));
+            assert_eq!(out.len(), 2);
+        }
+    }
+
+    #[test]
+    fn data_past_the_bound_stops_the_decoder() {
+        let mut d = Decoder::with_max_bytes(32);
+        let mut out = Vec::new();
+        // Each line is short; together they pass the bound.
+        let r = d.try_feed(
+            b"data: 0123456789\ndata: 0123456789\ndata: 0123456789\n",
+            &mut out,
+        );
+        assert_eq!(r, Err(DecodeError::EventTooLarge { limit: 32 }));
+        assert!(out.is_empty());
+        // Exactly at the bound (a 16-byte line) is fine.
+        let mut d = Decoder::with_max_bytes(16);
+        d.feed(b"data: 0123456789\n\n", &mut out);
+        assert_eq!(d.error(), None);
+        assert_eq!(out, vec![ev("message", "0123456789", "", false)]);
+        assert_eq!(Decoder::new().max_bytes(), DEFAULT_MAX_BYTES);
     }
 
     #[test]

@@ -18,20 +18,17 @@
 //! since a browser sends cookies with cross-site requests (a cookie-
 //! authenticated write would be a CSRF hole) and query strings end up in
 //! proxy logs and browser history.
+//!
+//! This module verifies tokens and knows no HTTP: taking a token from a
+//! request and guarding routes is `http::guard`'s job.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{MatchedPath, RawPathParams, Request, State};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
-
-use crate::http::{ApiError, AppState};
 
 /// The algorithm of a public key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +55,28 @@ pub enum KeyError {
     /// An HS256 secret must not be empty.
     #[error("the JWT secret is empty")]
     EmptySecret,
+    /// An HS256 secret shorter than [`MIN_SECRET_BYTES`]: one token is
+    /// enough to guess it offline.
+    #[error(
+        "the JWT secret is {len} bytes; at least 32 bytes are needed \
+         (e.g. `openssl rand -base64 32`)"
+    )]
+    ShortSecret {
+        /// The secret's length in bytes.
+        len: usize,
+    },
+    /// A private key where a public key belongs: the server only verifies,
+    /// and a private key on every node is a key that can mint tokens.
+    #[error(
+        "this is a private key; give the server the public key \
+         (e.g. `openssl pkey -in key.pem -pubout`)"
+    )]
+    PrivateKey,
 }
+
+/// The shortest HS256 secret accepted (RFC 7518 §3.2: a key of at least
+/// the hash's size, 256 bits).
+pub const MIN_SECRET_BYTES: usize = 32;
 
 /// How tokens are verified: one key, one pinned algorithm. Its `Debug`
 /// never shows the key.
@@ -67,6 +85,8 @@ pub struct Auth {
     key: Arc<DecodingKey>,
     alg: Algorithm,
     leeway: Duration,
+    audience: Option<String>,
+    issuer: Option<String>,
 }
 
 impl fmt::Debug for Auth {
@@ -75,13 +95,26 @@ impl fmt::Debug for Auth {
             .field("alg", &self.alg)
             .field("key", &"<redacted>")
             .field("leeway", &self.leeway)
+            .field("audience", &self.audience)
+            .field("issuer", &self.issuer)
             .finish()
     }
 }
 
 impl Auth {
-    /// Verifies HS256 tokens with a shared secret.
+    /// Verifies HS256 tokens with a shared secret of at least
+    /// [`MIN_SECRET_BYTES`] bytes.
     pub fn hs256(secret: impl AsRef<[u8]>) -> Result<Auth, KeyError> {
+        let len = secret.as_ref().len();
+        if len > 0 && len < MIN_SECRET_BYTES {
+            return Err(KeyError::ShortSecret { len });
+        }
+        Self::hs256_allow_short(secret)
+    }
+
+    /// Like [`Auth::hs256`], accepting a secret of any non-zero length
+    /// (`--insecure-short-secret`: for tests and migrations only).
+    pub fn hs256_allow_short(secret: impl AsRef<[u8]>) -> Result<Auth, KeyError> {
         let secret = secret.as_ref();
         if secret.is_empty() {
             return Err(KeyError::EmptySecret);
@@ -96,6 +129,11 @@ impl Auth {
     /// given, else inferred from the key's type (Ed25519: EdDSA, RSA: RS256) —
     /// never from a token.
     pub fn public_key_pem(pem: &[u8], alg: Option<KeyAlg>) -> Result<Auth, KeyError> {
+        // jsonwebtoken would take an RSA private key and verify with it; a
+        // private key has no business on a server that only verifies.
+        if pem.windows(11).any(|w| w == b"PRIVATE KEY") {
+            return Err(KeyError::PrivateKey);
+        }
         let ed = || DecodingKey::from_ed_pem(pem).map(|k| Self::new(k, Algorithm::EdDSA));
         let rsa = || DecodingKey::from_rsa_pem(pem).map(|k| Self::new(k, Algorithm::RS256));
         match alg {
@@ -121,7 +159,21 @@ impl Auth {
             key: Arc::new(key),
             alg,
             leeway: Duration::from_secs(5),
+            audience: None,
+            issuer: None,
         }
+    }
+
+    /// Tokens must carry this `aud` (a string, or an array containing it).
+    pub fn with_audience(mut self, audience: impl Into<String>) -> Auth {
+        self.audience = Some(audience.into());
+        self
+    }
+
+    /// Tokens must carry this `iss`.
+    pub fn with_issuer(mut self, issuer: impl Into<String>) -> Auth {
+        self.issuer = Some(issuer.into());
+        self
     }
 
     /// Clock skew tolerated on `exp` and `nbf` (default 5 s). A token is
@@ -141,8 +193,19 @@ impl Auth {
         let mut v = Validation::new(self.alg);
         v.leeway = self.leeway.as_secs();
         v.validate_nbf = true;
-        v.validate_aud = false;
-        v.set_required_spec_claims(&["exp"]);
+        let mut required = vec!["exp"];
+        match &self.audience {
+            Some(aud) => {
+                v.set_audience(&[aud]);
+                required.push("aud");
+            }
+            None => v.validate_aud = false,
+        }
+        if let Some(iss) = &self.issuer {
+            v.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        v.set_required_spec_claims(&required);
         let data =
             jsonwebtoken::decode::<Claims>(token, &self.key, &v).map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -150,7 +213,7 @@ impl Auth {
                 _ => AuthError::Invalid,
             })?;
         let claims = data.claims;
-        let expires = UNIX_EPOCH + Duration::from_secs(claims.exp).saturating_add(self.leeway);
+        let expires = grant_expiry(claims.exp, self.leeway, SystemTime::now());
         let perms = claims.jobcast.unwrap_or_default();
         Ok(Grant {
             publish: perms.publish,
@@ -162,9 +225,29 @@ impl Auth {
     }
 }
 
+/// The longest a grant lasts, whatever its `exp` says: a far-future `exp`
+/// (up to 2^64 − 1 seconds) must not overflow the clock arithmetic of every
+/// deadline derived from it. The same bound stands for "never" in the SSE
+/// writer.
+pub const MAX_GRANT: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// When a grant of a token with this `exp` ends: `exp` plus the leeway,
+/// capped at `now` + [`MAX_GRANT`]; saturating, never panicking.
+fn grant_expiry(exp: u64, leeway: Duration, now: SystemTime) -> SystemTime {
+    let cap = now.checked_add(MAX_GRANT).unwrap_or(now);
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(exp).saturating_add(leeway))
+        .map_or(cap, |e| e.min(cap))
+}
+
 #[derive(Debug, Deserialize)]
 struct Claims {
     exp: u64,
+    /// Checked by jsonwebtoken, which skips a malformed one: declared here
+    /// so that anything but a whole number of seconds fails to decode.
+    #[serde(default)]
+    #[allow(dead_code)]
+    nbf: Option<u64>,
     #[serde(default)]
     jobcast: Option<Perms>,
 }
@@ -211,19 +294,6 @@ pub enum AuthError {
     BearerRequired,
 }
 
-impl From<AuthError> for ApiError {
-    fn from(e: AuthError) -> ApiError {
-        let code = match e {
-            AuthError::Missing => "unauthorized",
-            AuthError::Invalid => "token_invalid",
-            AuthError::Expired => "token_expired",
-            AuthError::NotYetValid => "token_not_yet_valid",
-            AuthError::BearerRequired => "bearer_required",
-        };
-        ApiError::new(StatusCode::UNAUTHORIZED, code, e.to_string())
-    }
-}
-
 /// What a request may do: the verified claims, or everything when auth is off.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
@@ -232,8 +302,8 @@ pub struct Grant {
     metrics: bool,
     /// When the grant ends (None: never, auth is off).
     pub expires: Option<SystemTime>,
-    /// Where the token came from (None: auth is off).
-    source: TokenSource,
+    /// Where the token came from (`Bearer` when auth is off).
+    pub source: TokenSource,
 }
 
 impl Grant {
@@ -257,6 +327,16 @@ impl Grant {
             expires: Some(UNIX_EPOCH),
             source: TokenSource::Query,
         }
+    }
+
+    /// The patterns of the streams this grant may watch (for the stream list).
+    pub fn subscribe_patterns(&self) -> &[String] {
+        &self.subscribe
+    }
+
+    /// Whether this grant may read `/metrics`.
+    pub fn may_read_metrics(&self) -> bool {
+        self.metrics
     }
 
     /// Whether this grant may watch and read `stream`.
@@ -286,185 +366,6 @@ pub fn matches(pattern: &str, stream: &str) -> bool {
     }
 }
 
-/// The token of a request and where it came from: `Authorization: Bearer`
-/// first, then the cookie, then `?access_token=` (on GET and HEAD only).
-/// `Err(Invalid)` for an `Authorization` header that is not a Bearer token.
-pub fn token_of<'a>(
-    method: &Method,
-    headers: &'a HeaderMap,
-    query: Option<&'a str>,
-    cookie: &str,
-) -> Result<Option<(std::borrow::Cow<'a, str>, TokenSource)>, AuthError> {
-    if let Some(v) = headers.get(header::AUTHORIZATION) {
-        let v = v.to_str().map_err(|_| AuthError::Invalid)?;
-        let (scheme, token) = v.trim().split_once(' ').ok_or(AuthError::Invalid)?;
-        if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
-            return Err(AuthError::Invalid);
-        }
-        return Ok(Some((token.trim().into(), TokenSource::Bearer)));
-    }
-    for v in headers.get_all(header::COOKIE) {
-        let Ok(v) = v.to_str() else { continue };
-        for pair in v.split(';') {
-            if let Some((name, value)) = pair.trim().split_once('=') {
-                if name.trim() == cookie && !value.trim().is_empty() {
-                    return Ok(Some((
-                        value.trim().trim_matches('"').into(),
-                        TokenSource::Cookie,
-                    )));
-                }
-            }
-        }
-    }
-    if *method == Method::GET || *method == Method::HEAD {
-        for pair in query.unwrap_or("").split('&') {
-            if let Some(v) = pair.strip_prefix("access_token=") {
-                if !v.is_empty() {
-                    // Tokens are base64url and dots: no percent-decoding needed,
-                    // but a client that encoded anything is answered honestly.
-                    let v = percent_decode(v).ok_or(AuthError::Invalid)?;
-                    return Ok(Some((v, TokenSource::Query)));
-                }
-            }
-        }
-    }
-    Ok(None)
-}
-
-fn percent_decode(s: &str) -> Option<std::borrow::Cow<'_, str>> {
-    if !s.contains('%') && !s.contains('+') {
-        return Some(s.into());
-    }
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = b.get(i + 1..i + 3)?;
-                let hex = std::str::from_utf8(hex).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok().map(Into::into)
-}
-
-/// What a route needs.
-enum Need {
-    /// Nothing: health checks and static files.
-    Public,
-    /// A valid token (e.g. the stream list, filtered by its patterns).
-    Token,
-    /// Subscribe on the path's stream.
-    Subscribe,
-    /// Publish on the path's stream (Bearer only).
-    Publish,
-    /// The `metrics` claim.
-    Metrics,
-}
-
-fn need(path: &str, method: &Method) -> Need {
-    let read = *method == Method::GET || *method == Method::HEAD;
-    match path {
-        "/healthz" | "/readyz" => Need::Public,
-        "/metrics" => Need::Metrics,
-        "/v1/streams/{id}" | "/v1/streams/{id}/events" if read => Need::Subscribe,
-        "/v1/streams/{id}"
-        | "/v1/streams/{id}/events"
-        | "/v1/streams/{id}/complete"
-        | "/v1/streams/{id}/fail" => Need::Publish,
-        // Deny by default under the API; anything else (static files) is public.
-        p if p.starts_with("/v1/") || p == "/v1" => Need::Token,
-        _ => Need::Public,
-    }
-}
-
-/// The middleware: verifies the token a route needs and puts the [`Grant`]
-/// into the request's extensions. Runs after routing, so the stream id is
-/// the percent-decoded path parameter the handler sees.
-pub(crate) async fn guard(
-    State(state): State<AppState>,
-    matched: Result<MatchedPath, axum::extract::rejection::MatchedPathRejection>,
-    params: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let Some(auth) = state.config.auth.as_ref() else {
-        req.extensions_mut().insert(Grant::all());
-        return next.run(req).await;
-    };
-    let path = match &matched {
-        Ok(p) => p.as_str(),
-        Err(_) => req.uri().path(),
-    };
-    let need = need(path, req.method());
-    if let Need::Public = need {
-        return next.run(req).await;
-    }
-    let grant = match authenticate(auth, &state, &req) {
-        Ok(g) => g,
-        Err(e) => return unauthorized(e),
-    };
-    let stream = params.ok().and_then(|p| {
-        p.iter()
-            .find(|(k, _)| *k == "id")
-            .map(|(_, v)| v.to_owned())
-    });
-    let allowed = match need {
-        Need::Public | Need::Token => true,
-        Need::Metrics => grant.metrics,
-        Need::Subscribe => stream.is_some_and(|s| grant.may_subscribe(&s)),
-        Need::Publish if grant.source != TokenSource::Bearer => {
-            return unauthorized(AuthError::BearerRequired)
-        }
-        Need::Publish => stream.is_some_and(|s| grant.may_publish(&s)),
-    };
-    if !allowed {
-        return ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "the token does not cover this stream",
-        )
-        .into_response();
-    }
-    req.extensions_mut().insert(grant);
-    next.run(req).await
-}
-
-fn authenticate(auth: &Auth, state: &AppState, req: &Request) -> Result<Grant, AuthError> {
-    let (token, source) = token_of(
-        req.method(),
-        req.headers(),
-        req.uri().query(),
-        &state.config.auth_cookie,
-    )?
-    .ok_or(AuthError::Missing)?;
-    auth.verify(&token, source)
-}
-
-fn unauthorized(e: AuthError) -> Response {
-    let challenge = match e {
-        AuthError::Missing | AuthError::BearerRequired => r#"Bearer realm="jobcast""#,
-        _ => r#"Bearer realm="jobcast", error="invalid_token""#,
-    };
-    let mut res = ApiError::from(e).into_response();
-    res.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static(challenge),
-    );
-    res
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,47 +383,25 @@ mod tests {
     }
 
     #[test]
-    fn debug_redacts_the_key() {
-        let a = Auth::hs256("super-secret-value").unwrap();
-        let s = format!("{a:?}");
-        assert!(!s.contains("super-secret"), "{s}");
-        assert!(s.contains("redacted"));
+    fn far_future_exp_saturates_at_the_cap() {
+        let now = SystemTime::now();
+        for exp in [u64::MAX, i64::MAX as u64, 1 << 62] {
+            assert_eq!(
+                grant_expiry(exp, Duration::from_secs(5), now),
+                now + MAX_GRANT
+            );
+        }
+        assert_eq!(
+            grant_expiry(1000, Duration::from_secs(5), now),
+            UNIX_EPOCH + Duration::from_secs(1005)
+        );
     }
 
     #[test]
-    fn tokens_come_from_bearer_then_cookie_then_query() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::COOKIE,
-            HeaderValue::from_static("a=1; jobcast_token=c.c.c"),
-        );
-        let got = token_of(
-            &Method::GET,
-            &h,
-            Some("access_token=q.q.q"),
-            "jobcast_token",
-        )
-        .unwrap();
-        assert_eq!(got, Some(("c.c.c".into(), TokenSource::Cookie)));
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer b.b.b"),
-        );
-        let got = token_of(&Method::GET, &h, None, "jobcast_token").unwrap();
-        assert_eq!(got, Some(("b.b.b".into(), TokenSource::Bearer)));
-        let none = HeaderMap::new();
-        let got = token_of(&Method::GET, &none, Some("x=1&access_token=q.q.q"), "t").unwrap();
-        assert_eq!(got, Some(("q.q.q".into(), TokenSource::Query)));
-        // Not on a write.
-        let got = token_of(&Method::POST, &none, Some("access_token=q.q.q"), "t").unwrap();
-        assert_eq!(got, None);
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Basic Zm9v"),
-        );
-        assert_eq!(
-            token_of(&Method::GET, &h, None, "t"),
-            Err(AuthError::Invalid)
-        );
+    fn debug_redacts_the_key() {
+        let a = Auth::hs256("super-secret-value-of-32-bytes-or-more").unwrap();
+        let s = format!("{a:?}");
+        assert!(!s.contains("super-secret"), "{s}");
+        assert!(s.contains("redacted"));
     }
 }

@@ -12,8 +12,9 @@ pub enum SyncMode {
     Full,
 }
 
-/// Everything the server can be told.
-#[derive(Debug, Clone)]
+/// Everything the server can be told. Its `Debug` shows the database URL
+/// with the password replaced (see [`redact_db_url`]) and no key.
+#[derive(Clone)]
 pub struct Config {
     /// Database URL, e.g. `sqlite://jobcast.db`.
     pub db: String,
@@ -31,6 +32,12 @@ pub struct Config {
     pub max_duration: Duration,
     /// A write that makes no progress for this long drops the connection.
     pub write_timeout: Duration,
+    /// A request head (request line and headers) must arrive whole within
+    /// this long, however it is read; else 408 (when bytes came) and close.
+    pub header_timeout: Duration,
+    /// A request body must make progress (a byte, a chunk) at least this
+    /// often; else 408 `body_timeout` and close.
+    pub body_timeout: Duration,
     /// Largest event data, in bytes.
     pub max_event_bytes: usize,
     /// Largest request body, in bytes.
@@ -72,6 +79,10 @@ pub struct Config {
     /// Origins whose pages may call the API (CORS); `*` means any origin,
     /// without credentials. Empty: no CORS headers.
     pub cors_origins: Vec<String>,
+    /// Without authentication, the `Host` names served besides loopback ones
+    /// (`localhost`, `*.localhost`, `127.x.y.z`, `[::1]`); `*`: any. Ignored
+    /// when authentication is on.
+    pub allowed_hosts: Vec<String>,
     /// Most connections open at once; more are answered 503 and closed.
     pub max_connections: usize,
     /// Most connections open at once from one IP address (None: no limit);
@@ -92,6 +103,8 @@ impl Default for Config {
             max_wait: Duration::from_secs(600),
             max_duration: Duration::from_secs(3600),
             write_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
             max_event_bytes: 1 << 20,
             max_body_bytes: 16 << 20,
             max_batch: 1000,
@@ -110,9 +123,180 @@ impl Default for Config {
             auth: None,
             auth_cookie: "jobcast_token".into(),
             cors_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
             max_connections: 16_384,
             max_connections_per_ip: None,
             max_watchers_per_stream: 10_000,
         }
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Written out (not derived) so that the database password stays out.
+        let Config {
+            db,
+            sync,
+            heartbeat,
+            retry,
+            default_wait,
+            max_wait,
+            max_duration,
+            write_timeout,
+            header_timeout,
+            body_timeout,
+            max_event_bytes,
+            max_body_bytes,
+            max_batch,
+            ring_bytes,
+            page_size,
+            store_retry_limit,
+            shutdown_grace,
+            retention_ttl,
+            max_events_per_stream,
+            idempotency_ttl,
+            retention_interval,
+            busy_timeout,
+            lean_sse,
+            pg_pool_size,
+            auth,
+            auth_cookie,
+            cors_origins,
+            allowed_hosts,
+            max_connections,
+            max_connections_per_ip,
+            max_watchers_per_stream,
+        } = self;
+        f.debug_struct("Config")
+            .field("db", &redact_db_url(db))
+            .field("sync", sync)
+            .field("heartbeat", heartbeat)
+            .field("retry", retry)
+            .field("default_wait", default_wait)
+            .field("max_wait", max_wait)
+            .field("max_duration", max_duration)
+            .field("write_timeout", write_timeout)
+            .field("header_timeout", header_timeout)
+            .field("body_timeout", body_timeout)
+            .field("max_event_bytes", max_event_bytes)
+            .field("max_body_bytes", max_body_bytes)
+            .field("max_batch", max_batch)
+            .field("ring_bytes", ring_bytes)
+            .field("page_size", page_size)
+            .field("store_retry_limit", store_retry_limit)
+            .field("shutdown_grace", shutdown_grace)
+            .field("retention_ttl", retention_ttl)
+            .field("max_events_per_stream", max_events_per_stream)
+            .field("idempotency_ttl", idempotency_ttl)
+            .field("retention_interval", retention_interval)
+            .field("busy_timeout", busy_timeout)
+            .field("lean_sse", lean_sse)
+            .field("pg_pool_size", pg_pool_size)
+            .field("auth", auth)
+            .field("auth_cookie", auth_cookie)
+            .field("cors_origins", cors_origins)
+            .field("allowed_hosts", allowed_hosts)
+            .field("max_connections", max_connections)
+            .field("max_connections_per_ip", max_connections_per_ip)
+            .field("max_watchers_per_stream", max_watchers_per_stream)
+            .finish()
+    }
+}
+
+/// A database URL fit to be shown: the password of its userinfo
+/// (`scheme://user:PASSWORD@host`) and of a `password=` query parameter
+/// replaced by `***`. Everything else (scheme, user, host, database) stays,
+/// so a log line still says where the store is.
+pub fn redact_db_url(url: &str) -> String {
+    const MASK: &str = "***";
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut out = String::with_capacity(url.len());
+    match base.split_once("://") {
+        Some((scheme, rest)) => {
+            out.push_str(scheme);
+            out.push_str("://");
+            // The userinfo ends at the last '@' before the path.
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => {
+                    let userinfo = &rest[..at];
+                    match userinfo.split_once(':') {
+                        Some((user, _password)) => {
+                            out.push_str(user);
+                            out.push(':');
+                            out.push_str(MASK);
+                        }
+                        None => out.push_str(userinfo),
+                    }
+                    out.push_str(&rest[at..]);
+                }
+                None => out.push_str(rest),
+            }
+        }
+        None => out.push_str(base),
+    }
+    if let Some(query) = query {
+        out.push('?');
+        for (i, pair) in query.split('&').enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            match pair.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => {
+                    out.push_str(k);
+                    out.push('=');
+                    out.push_str(MASK);
+                }
+                _ => out.push_str(pair),
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_and_the_rest_kept() {
+        for (url, shown) in [
+            ("sqlite://jobcast.db", "sqlite://jobcast.db"),
+            (
+                "sqlite:///var/lib/j/a.db?mode=rwc",
+                "sqlite:///var/lib/j/a.db?mode=rwc",
+            ),
+            ("postgres://u:pw@h:5432/db", "postgres://u:***@h:5432/db"),
+            ("postgres://u:p@ss:w@rd@h/db", "postgres://u:***@h/db"),
+            (
+                "postgres://u@h/db?password=pw&x=1",
+                "postgres://u@h/db?password=***&x=1",
+            ),
+            (
+                "postgresql://u:pw@h/db?PASSWORD=pw",
+                "postgresql://u:***@h/db?PASSWORD=***",
+            ),
+            ("postgres://h/db", "postgres://h/db"),
+            ("postgres://u:@h/a@b", "postgres://u:***@h/a@b"),
+        ] {
+            assert_eq!(redact_db_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn debug_hides_the_database_password() {
+        let c = Config {
+            db: "postgres://app:s3cret-pw@db.internal/jobcast".into(),
+            ..Config::default()
+        };
+        let text = format!("{c:?}");
+        assert!(!text.contains("s3cret-pw"), "{text}");
+        assert!(
+            text.contains("postgres://app:***@db.internal/jobcast"),
+            "{text}"
+        );
     }
 }

@@ -25,8 +25,9 @@ use tower::ServiceExt;
 
 use crate::server::WriteTimeout;
 
-/// Largest request head the lean path reads; a larger one goes to hyper.
-const MAX_HEAD: usize = 16 * 1024;
+/// Largest first request head read by the accept loop (lean path or not); a
+/// larger one is answered 431 and closed.
+const MAX_HEAD: usize = 64 * 1024;
 /// Most headers parsed from a head.
 const MAX_HEADERS: usize = 48;
 
@@ -34,14 +35,29 @@ const MAX_HEADERS: usize = 48;
 pub(crate) enum Head {
     /// A watch request, to be served by [`serve`].
     Watch(Box<http::Request<Body>>),
-    /// Anything else (or nothing yet): hand these bytes and the socket to hyper.
+    /// A whole head of anything else: hand these bytes and the socket to hyper.
     Other(Bytes),
-    /// The peer closed or the head did not arrive in time.
+    /// The peer closed before sending anything.
     Gone,
+    /// The head did not arrive whole within the header timeout; `partial`
+    /// when some of it did (then it is answered 408).
+    TimedOut {
+        /// Whether any byte arrived.
+        partial: bool,
+    },
+    /// The head is larger than [`MAX_HEAD`].
+    TooLarge,
 }
 
-/// Reads the first request head (within `timeout`) and decides its path.
-pub(crate) async fn read_head(sock: &mut WriteTimeout<TcpStream>, timeout: Duration) -> Head {
+/// Reads the first request head, whole, within `timeout` — the one deadline
+/// for that head, whichever path then serves it (hyper is handed a complete
+/// head, so its own header timeout only applies to later requests of a
+/// keep-alive connection). With `lean` off, every head goes to hyper.
+pub(crate) async fn read_head(
+    sock: &mut WriteTimeout<TcpStream>,
+    timeout: Duration,
+    lean: bool,
+) -> Head {
     let mut buf = BytesMut::with_capacity(1024);
     let read = async {
         loop {
@@ -51,17 +67,44 @@ pub(crate) async fn read_head(sock: &mut WriteTimeout<TcpStream>, timeout: Durat
             }
             match parse(&buf) {
                 Parsed::Partial if buf.len() < MAX_HEAD => continue,
-                Parsed::Partial | Parsed::Other => return Some(None),
-                Parsed::Watch(req) => return Some(Some(req)),
+                Parsed::Partial => return Some(Err(())),
+                Parsed::Other => return Some(Ok(None)),
+                Parsed::Watch(req) => return Some(Ok(Some(req))),
             }
         }
     };
     match tokio::time::timeout(timeout, read).await {
-        Ok(Some(Some(req))) => Head::Watch(req),
-        Ok(Some(None)) => Head::Other(buf.freeze()),
-        Ok(None) | Err(_) if buf.is_empty() => Head::Gone,
-        // A partial head: let hyper answer it (it applies its own timeout).
-        Ok(None) | Err(_) => Head::Other(buf.freeze()),
+        Ok(Some(Ok(Some(req)))) if lean => Head::Watch(req),
+        Ok(Some(Ok(_))) => Head::Other(buf.freeze()),
+        Ok(Some(Err(()))) => Head::TooLarge,
+        // Closed mid-head: hyper answers what it can of it (a 400).
+        Ok(None) if !buf.is_empty() => Head::Other(buf.freeze()),
+        Ok(None) => Head::Gone,
+        Err(_) => Head::TimedOut {
+            partial: !buf.is_empty(),
+        },
+    }
+}
+
+/// Writes a JSON error answer straight to the socket and closes it: for a
+/// head that could not be read (408, 431), before any HTTP machinery.
+pub(crate) async fn refuse(
+    mut sock: WriteTimeout<TcpStream>,
+    status: http::StatusCode,
+    code: &str,
+    message: &str,
+) {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } }).to_string();
+    let head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    let mut out = Bytes::from(head).chain(Bytes::from(body));
+    // Best effort: the peer may be gone; the write timeout bounds a stalled one.
+    if sock.write_all_buf(&mut out).await.is_ok() {
+        let _ = sock.shutdown().await;
     }
 }
 

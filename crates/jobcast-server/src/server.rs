@@ -22,9 +22,6 @@ use crate::http::AppState;
 use crate::lean::{self, Head, Rewind};
 use crate::limits::{Limiter, Refusal};
 
-/// A client must send its request head within this time.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Serves the API on `listener` until `shutdown` completes, then: stops
 /// accepting, tells every watcher `shutting_down`, lets requests in flight
 /// finish (bounded by the shutdown grace), and closes the store.
@@ -37,6 +34,7 @@ pub async fn serve(
     let conns = TaskTracker::new();
     let token = state.shutdown.clone();
     let write_timeout = state.config.write_timeout;
+    let header_timeout = state.config.header_timeout;
     let grace = state.config.shutdown_grace;
     let limiter = Limiter::new(
         state.config.max_connections,
@@ -84,29 +82,49 @@ pub async fn serve(
             // Given back when this task ends, however it ends.
             let _slot = slot;
             let mut sock = WriteTimeout::new(sock, write_timeout, metrics);
-            let prefix = if lean_sse {
-                let head = tokio::select! {
-                    h = lean::read_head(&mut sock, HEAD_TIMEOUT) => h,
-                    _ = token.cancelled() => return,
-                };
-                match head {
-                    Head::Gone => return,
-                    Head::Watch(req) => {
-                        // The body ends itself at shutdown; writes are bounded by the write timeout.
-                        if let Err(e) = lean::serve(sock, req, router).await {
-                            tracing::debug!(error = %e, %peer, "watch connection ended with an error");
-                        }
-                        return;
-                    }
-                    Head::Other(prefix) => prefix,
+            // The first head is read here, whole, on both paths: one deadline.
+            let head = tokio::select! {
+                h = lean::read_head(&mut sock, header_timeout, lean_sse) => h,
+                _ = token.cancelled() => return,
+            };
+            let prefix = match head {
+                Head::Gone | Head::TimedOut { partial: false } => return,
+                Head::TimedOut { partial: true } => {
+                    let msg = "the request head did not arrive within the header timeout";
+                    lean::refuse(
+                        sock,
+                        http::StatusCode::REQUEST_TIMEOUT,
+                        "header_timeout",
+                        msg,
+                    )
+                    .await;
+                    return;
                 }
-            } else {
-                bytes::Bytes::new()
+                Head::TooLarge => {
+                    let msg = "the request head is larger than 64 KiB";
+                    lean::refuse(
+                        sock,
+                        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        "header_too_large",
+                        msg,
+                    )
+                    .await;
+                    return;
+                }
+                Head::Watch(req) => {
+                    // The body ends itself at shutdown; writes are bounded by the write timeout.
+                    if let Err(e) = lean::serve(sock, req, router).await {
+                        tracing::debug!(error = %e, %peer, "watch connection ended with an error");
+                    }
+                    return;
+                }
+                Head::Other(prefix) => prefix,
             };
             let io = TokioIo::new(Rewind::new(prefix, sock));
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEAD_TIMEOUT)
+                // Later heads of a keep-alive connection; the first was read above.
+                .header_read_timeout(header_timeout)
                 .serve_connection(io, svc);
             let mut conn = std::pin::pin!(conn);
             let result = tokio::select! {

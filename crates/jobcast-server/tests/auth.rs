@@ -685,3 +685,208 @@ fn config_debug_hides_the_secret() {
     let text = format!("{config:?}");
     assert!(!text.contains(SECRET), "{text}");
 }
+
+/// A validly signed token whose `exp` is as far as a JSON number goes gets
+/// a normal answer (its grant is capped at 100 years), on every path that
+/// turns `exp` into a deadline: the guard, a JSON page, a long poll, SSE on
+/// the lean path and on hyper's. A huge `nbf` is just "not valid yet".
+#[tokio::test]
+async fn a_far_future_exp_is_answered_normally() {
+    for lean in [true, false] {
+        let s = TestServer::start_with(|c| {
+            c.auth = Some(Auth::hs256(SECRET).unwrap().with_leeway(Duration::ZERO));
+            c.lean_sse = lean;
+        })
+        .await;
+        for exp in [i64::MAX as u64, u64::MAX, 1 << 62, 253_402_300_800] {
+            let t = hs(json!({ "exp": exp, "jobcast": { "publish": ["*"], "subscribe": ["*"] } }));
+            let (st, v) = send(&s, Req::Append("far-1"), Some(&t), Via::Bearer).await;
+            assert_eq!(st, 201, "exp={exp}: {v}");
+            let (st, v) = send(&s, Req::Read("far-1"), Some(&t), Via::Bearer).await;
+            assert_eq!(st, 200, "exp={exp}: {v}");
+            let last = v["next"].as_str().unwrap().to_owned();
+            let res = s
+                .client
+                .get(s.url(&format!("/v1/streams/far-1/events?after={last}&wait=1")))
+                .bearer_auth(&t)
+                .send()
+                .await
+                .expect("a long poll is answered");
+            assert_eq!(res.status(), 200, "exp={exp}");
+            let mut sse = Sse::new(
+                s.client
+                    .get(s.url("/v1/streams/far-1/events"))
+                    .header("accept", "text/event-stream")
+                    .bearer_auth(&t)
+                    .send()
+                    .await
+                    .expect("an SSE watch is answered"),
+            );
+            assert_eq!(sse.status, 200, "lean={lean} exp={exp}");
+            assert_eq!(sse.next_event(T).await.expect("the event").data, "x");
+        }
+        let t = hs(json!({ "exp": u64::MAX, "nbf": u64::MAX, "jobcast": { "subscribe": ["*"] } }));
+        let (st, v) = send(&s, Req::Read("far-1"), Some(&t), Via::Bearer).await;
+        assert_eq!((st, code(&v)), (401, "token_not_yet_valid"), "{v}");
+    }
+}
+
+/// A malformed `nbf` (not a whole number of seconds) is refused, not
+/// ignored: a token must not become valid early because its issuer wrote
+/// the time in another form.
+#[tokio::test]
+async fn a_malformed_nbf_is_refused() {
+    let s = server().await;
+    let perms = json!({ "publish": ["*"], "subscribe": ["*"] });
+    for nbf in [
+        json!("0"),
+        json!("soon"),
+        json!(1.5),
+        json!(-1),
+        json!({}),
+        json!([0]),
+    ] {
+        let t = hs(json!({ "exp": now() + 3600, "nbf": nbf, "jobcast": perms }));
+        let (st, v) = send(&s, Req::Meta("nbf-1"), Some(&t), Via::Bearer).await;
+        assert_eq!((st, code(&v)), (401, "token_invalid"), "nbf={nbf}: {v}");
+    }
+    let t = hs(json!({ "exp": now() + 3600, "nbf": now() - 10, "jobcast": perms }));
+    let (st, v) = send(&s, Req::Append("nbf-1"), Some(&t), Via::Bearer).await;
+    assert_eq!(st, 201, "a well-formed nbf in the past: {v}");
+}
+
+/// With an audience and an issuer configured, a token must carry both,
+/// matching (`aud` as a string or an array containing it); without them
+/// configured, neither claim is looked at.
+#[tokio::test]
+async fn audience_and_issuer_are_checked_when_configured() {
+    let s = TestServer::start_with(|c| {
+        c.auth = Some(
+            Auth::hs256(SECRET)
+                .unwrap()
+                .with_leeway(Duration::ZERO)
+                .with_audience("jobcast-test")
+                .with_issuer("https://issuer.test"),
+        );
+    })
+    .await;
+    let perms = json!({ "publish": ["*"], "subscribe": ["*"] });
+    let exp = now() + 3600;
+    let rows = [
+        (
+            json!({ "aud": "jobcast-test", "iss": "https://issuer.test" }),
+            201,
+        ),
+        (
+            json!({ "aud": ["other", "jobcast-test"], "iss": "https://issuer.test" }),
+            201,
+        ),
+        (json!({ "iss": "https://issuer.test" }), 401),
+        (json!({ "aud": "jobcast-test" }), 401),
+        (json!({ "aud": "other", "iss": "https://issuer.test" }), 401),
+        (
+            json!({ "aud": "jobcast-test", "iss": "https://evil.test" }),
+            401,
+        ),
+        (json!({ "aud": "jobcast-test", "iss": 7 }), 401),
+        (json!({ "aud": 7, "iss": "https://issuer.test" }), 401),
+    ];
+    for (extra, want) in rows {
+        let mut claims = json!({ "exp": exp, "jobcast": perms });
+        for (k, v) in extra.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        let (st, v) = send(
+            &s,
+            Req::Append("aud-1"),
+            Some(&hs(claims.clone())),
+            Via::Bearer,
+        )
+        .await;
+        assert_eq!(st, want, "{claims}: {v}");
+        if want == 401 {
+            assert_eq!(code(&v), "token_invalid", "{claims}: {v}");
+        }
+    }
+    // Not configured: aud and iss are not required (and not checked).
+    let plain = server().await;
+    let t = hs(json!({ "exp": exp, "aud": "anything", "iss": "anyone", "jobcast": perms }));
+    let (st, v) = send(&plain, Req::Append("aud-1"), Some(&t), Via::Bearer).await;
+    assert_eq!(st, 201, "{v}");
+}
+
+/// Keys that cannot be right are refused when the server is configured:
+/// an HS256 secret shorter than 32 bytes (guessable offline from one token),
+/// and a private key given where a public key belongs.
+#[test]
+fn short_secrets_and_private_keys_are_refused() {
+    let err = Auth::hs256("0123456789abcdef0123456789abcde").unwrap_err();
+    assert!(err.to_string().contains("32 bytes"), "{err}");
+    assert!(Auth::hs256("0123456789abcdef0123456789abcdef").is_ok());
+    assert!(Auth::hs256_allow_short("short").is_ok());
+    for (file, alg) in [
+        ("rsa.pem", None),
+        ("rsa.pem", Some(KeyAlg::Rs256)),
+        ("ed25519.pem", None),
+        ("ed25519.pem", Some(KeyAlg::EdDsa)),
+    ] {
+        let err = Auth::public_key_pem(&key_file(file), alg).unwrap_err();
+        assert!(err.to_string().contains("private key"), "{file}: {err}");
+    }
+}
+
+/// Every route declares its permission where it is defined, and the guard
+/// checks exactly that: walking the declared routes, each non-public one
+/// answers 401 without a token and 403 (or, for `Token`, 200) with a valid
+/// token that grants nothing; every `/v1` route needs more than nothing,
+/// and every `/v1` write needs publish.
+#[tokio::test]
+async fn every_declared_route_is_guarded_as_declared() {
+    use jobcast_server::http::{declared_routes, Need};
+    let s = server().await;
+    let admin = hs(claims(&["*"], &["*"]));
+    let (st, _) = send(&s, Req::Append("g-1"), Some(&admin), Via::Bearer).await;
+    assert_eq!(st, 201);
+    let nothing = hs(json!({ "exp": now() + 3600 }));
+    let routes = declared_routes(s.server.state());
+    assert!(routes.len() >= 13, "{routes:?}");
+    for r in &routes {
+        let path = r.path.replace("{id}", "g-1").replace("{*path}", "app.js");
+        if r.path.starts_with("/v1") {
+            assert_ne!(r.need, Need::Public, "{r:?}");
+            // A write route never falls through to "any valid token".
+            if r.method != reqwest::Method::GET {
+                assert_eq!(r.need, Need::Publish, "a write must need publish: {r:?}");
+            }
+        }
+        for (token, want) in [
+            (
+                None,
+                if r.need == Need::Public {
+                    None
+                } else {
+                    Some(401)
+                },
+            ),
+            (
+                Some(&nothing),
+                match r.need {
+                    Need::Public => None,
+                    Need::Token => Some(200),
+                    _ => Some(403),
+                },
+            ),
+        ] {
+            let mut b = s.client.request(r.method.clone(), s.url(&path));
+            if let Some(t) = token {
+                b = b.bearer_auth(t);
+            }
+            let res = b.send().await.unwrap();
+            let st = res.status().as_u16();
+            match want {
+                Some(w) => assert_eq!(st, w, "{r:?} token={}", token.is_some()),
+                None => assert!(st != 401 && st != 403, "{r:?}: {st}"),
+            }
+        }
+    }
+}

@@ -120,7 +120,7 @@ async fn reused_connections_stay_with_hyper() {
     s.complete("k").await;
     let addr = s.url.trim_start_matches("http://").to_owned();
     let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let req = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/streams/k/events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n";
+    let req = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /v1/streams/k/events HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n";
     sock.write_all(req.as_bytes()).await.unwrap();
     let mut out = Vec::new();
     tokio::time::timeout(T, sock.read_to_end(&mut out))

@@ -42,6 +42,18 @@ pub(crate) enum ClientCommand {
     Delete(DeleteArgs),
     /// List streams, newest first, as a table.
     Streams(StreamsArgs),
+    /// Exit 0 when the server is ready (`GET /readyz`), 1 otherwise: for health checks.
+    Ready(ReadyArgs),
+}
+
+/// `jobcast ready`.
+#[derive(Debug, Args)]
+pub(crate) struct ReadyArgs {
+    /// Give up after this long.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 /// `jobcast tail`.
@@ -162,6 +174,7 @@ pub(crate) async fn run(cmd: ClientCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ClientCommand::Streams(a) => streams(a).await.map(|()| ExitCode::SUCCESS),
+        ClientCommand::Ready(a) => ready(a).await,
     }
 }
 
@@ -431,4 +444,26 @@ async fn streams(args: StreamsArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn ready(args: ReadyArgs) -> Result<ExitCode> {
+    // One attempt: the health checker decides when to ask again.
+    let client = Client::builder(&args.server.server)
+        .user_agent(concat!("jobcast-cli/", env!("CARGO_PKG_VERSION")))
+        .retry(RetryPolicy {
+            max_attempts: 1,
+            max_elapsed: args.timeout,
+        })
+        .build()?;
+    match tokio::time::timeout(args.timeout, client.ready()).await {
+        Ok(Ok(())) => Ok(ExitCode::SUCCESS),
+        Ok(Err(e)) => {
+            eprintln!("jobcast: not ready: {e}");
+            Ok(ExitCode::from(1))
+        }
+        Err(_) => {
+            eprintln!("jobcast: not ready: no answer within {:?}", args.timeout);
+            Ok(ExitCode::from(1))
+        }
+    }
 }

@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Client commands: tail, publish, complete, fail, delete, streams.
     #[command(flatten)]
     Client(cli::ClientCommand),
@@ -94,8 +94,14 @@ struct ServeArgs {
     #[arg(long, env = "JOBCAST_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
     /// Database URL: sqlite://PATH (created if missing), or
-    /// postgres://USER@HOST/DB for several nodes on one database.
-    #[arg(long, env = "JOBCAST_DB", default_value = "sqlite://jobcast.db")]
+    /// postgres://USER@HOST/DB for several nodes on one database. A password
+    /// in it is never shown (logs, errors, --help).
+    #[arg(
+        long,
+        env = "JOBCAST_DB",
+        default_value = "sqlite://jobcast.db",
+        hide_env_values = true
+    )]
     db: String,
     /// SQLite durability: normal survives kill -9, full also survives power loss.
     #[arg(long, env = "JOBCAST_SYNC", value_enum, default_value = "normal")]
@@ -115,6 +121,12 @@ struct ServeArgs {
     /// A connection whose socket accepts no bytes for this long is dropped.
     #[arg(long, env = "JOBCAST_WRITE_TIMEOUT", default_value = "30s", value_parser = duration)]
     write_timeout: Duration,
+    /// A request head must arrive whole within this long (else 408, closed).
+    #[arg(long, env = "JOBCAST_HEADER_TIMEOUT", default_value = "30s", value_parser = duration)]
+    header_timeout: Duration,
+    /// A request body must make progress at least this often (else 408 `body_timeout`, closed).
+    #[arg(long, env = "JOBCAST_BODY_TIMEOUT", default_value = "30s", value_parser = duration)]
+    body_timeout: Duration,
     /// Largest event data, in bytes.
     #[arg(long, env = "JOBCAST_MAX_EVENT_BYTES", default_value_t = 1 << 20)]
     max_event_bytes: usize,
@@ -166,6 +178,16 @@ struct ServeArgs {
     /// The algorithm of --jwt-public-key (default: from the key's type; never from a token).
     #[arg(long, env = "JOBCAST_JWT_ALG", value_enum, requires = "jwt_public_key")]
     jwt_alg: Option<JwtAlg>,
+    /// Tokens must carry this `aud` claim (a string, or an array containing it).
+    #[arg(long, env = "JOBCAST_JWT_AUDIENCE", value_name = "A")]
+    jwt_audience: Option<String>,
+    /// Tokens must carry this `iss` claim.
+    #[arg(long, env = "JOBCAST_JWT_ISSUER", value_name = "I")]
+    jwt_issuer: Option<String>,
+    /// Accept a --jwt-secret shorter than 32 bytes (guessable offline from a
+    /// single token: for tests only).
+    #[arg(long, env = "JOBCAST_INSECURE_SHORT_SECRET", requires = "jwt_secret")]
+    insecure_short_secret: bool,
     /// Clock skew tolerated on a token's exp and nbf.
     #[arg(long, env = "JOBCAST_JWT_LEEWAY", default_value = "5s", value_parser = duration)]
     jwt_leeway: Duration,
@@ -175,6 +197,15 @@ struct ServeArgs {
     /// An origin whose pages may call the API (CORS); repeat it, or `*` for any (no cookies).
     #[arg(long, env = "JOBCAST_CORS_ORIGIN", value_delimiter = ',', value_parser = origin)]
     cors_origin: Vec<String>,
+    /// Without authentication, also answer requests whose Host is this name
+    /// (loopback names always are; `*`: any, which re-opens DNS rebinding).
+    #[arg(
+        long,
+        env = "JOBCAST_ALLOWED_HOST",
+        value_delimiter = ',',
+        value_name = "H"
+    )]
+    allowed_host: Vec<String>,
     /// Serve without authentication on a non-loopback address (anyone who
     /// can reach it may publish, delete and watch every stream).
     #[arg(long, env = "JOBCAST_INSECURE_NO_AUTH")]
@@ -185,7 +216,7 @@ struct ServeArgs {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args).await.map(|()| std::process::ExitCode::SUCCESS),
+        Command::Serve(args) => serve(*args).await.map(|()| std::process::ExitCode::SUCCESS),
         Command::Client(cmd) => cli::run(cmd).await,
         Command::Bench(args) => bench::run(args)
             .await
@@ -209,6 +240,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if args.header_timeout.is_zero() || args.body_timeout.is_zero() {
+        bail!("--header-timeout and --body-timeout must be above 0");
+    }
     if args.max_event_bytes == 0 {
         bail!("--max-event-bytes must be at least 1");
     }
@@ -216,7 +250,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         bail!("--max-batch and --max-body-bytes must be at least 1");
     }
     let auth = match (&args.jwt_secret, &args.jwt_public_key) {
-        (Some(s), _) => Some(Auth::hs256(&s.0).context("--jwt-secret")?),
+        (Some(s), _) if args.insecure_short_secret => {
+            Some(Auth::hs256_allow_short(&s.0).context("--jwt-secret")?)
+        }
+        (Some(s), _) => Some(
+            Auth::hs256(&s.0).context("--jwt-secret (or --insecure-short-secret, for tests)")?,
+        ),
         (None, Some(path)) => {
             let pem = std::fs::read(path)
                 .with_context(|| format!("reading --jwt-public-key {}", path.display()))?;
@@ -231,7 +270,17 @@ async fn serve(args: ServeArgs) -> Result<()> {
         }
         (None, None) => None,
     }
-    .map(|a| a.with_leeway(args.jwt_leeway));
+    .map(|a| {
+        let a = a.with_leeway(args.jwt_leeway);
+        let a = match &args.jwt_audience {
+            Some(aud) => a.with_audience(aud),
+            None => a,
+        };
+        match &args.jwt_issuer {
+            Some(iss) => a.with_issuer(iss),
+            None => a,
+        }
+    });
     // Safe default: without authentication, only this machine may connect.
     if auth.is_none() && !args.listen.ip().is_loopback() && !args.insecure_no_auth {
         bail!(
@@ -254,6 +303,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_wait: args.max_wait,
         max_duration: args.max_duration,
         write_timeout: args.write_timeout,
+        header_timeout: args.header_timeout,
+        body_timeout: args.body_timeout,
         max_event_bytes: args.max_event_bytes,
         retention_ttl: args.retention,
         max_events_per_stream: args.max_events_per_stream,
@@ -269,18 +320,21 @@ async fn serve(args: ServeArgs) -> Result<()> {
         auth,
         auth_cookie: args.auth_cookie.clone(),
         cors_origins: args.cors_origin.clone(),
+        allowed_hosts: args.allowed_host.clone(),
         ..Config::default()
     };
     match &config.auth {
         Some(a) => tracing::info!(alg = ?a.algorithm(), "authentication on"),
         None => tracing::info!("authentication off"),
     }
+    // The URL may carry a password: it is shown redacted, everywhere.
+    let db_shown = jobcast_server::config::redact_db_url(&args.db);
     let server = Jobcast::open(config)
         .await
-        .with_context(|| format!("opening the store {}", args.db))?;
+        .with_context(|| format!("opening the store {db_shown}"))?;
     let listener = listen(args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, db = %args.db, "jobcast listening");
+    tracing::info!(%addr, db = %db_shown, "jobcast listening");
     server.serve(listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())

@@ -153,3 +153,134 @@ async fn client_commands_use_their_token() {
     let signature = t.rsplit('.').next().unwrap();
     assert!(!log.contains(signature), "a token was logged:\n{log}");
 }
+
+/// `jobcast serve` with `args`: exits (code and stderr) or is still running
+/// after 3 s (then killed: None).
+fn serve_outcome(dir: &std::path::Path, args: &[&str]) -> Option<(i32, String)> {
+    let db = format!("sqlite://{}", dir.join("k.db").display());
+    let mut child = Command::new(cli_support::bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--db", &db])
+        .args(args)
+        .env_remove("JOBCAST_JWT_SECRET")
+        .env_remove("JOBCAST_INSECURE_SHORT_SECRET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let err = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    for _ in 0..30 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some((status.code().unwrap_or(-1), err.join().unwrap()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+fn fixture_key(name: &str) -> String {
+    format!(
+        "{}/../jobcast-server/tests/fixtures/keys/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// Startup refuses a secret shorter than 32 bytes (unless
+/// --insecure-short-secret), and a private key given as --jwt-public-key,
+/// each with a message that says what to do.
+#[test]
+fn weak_keys_are_refused_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = "only-twenty-bytes-ok";
+    let (code, err) =
+        serve_outcome(dir.path(), &["--jwt-secret", short]).expect("a short secret is refused");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("32 bytes"), "{err}");
+    assert!(!err.contains(short), "the secret was printed: {err}");
+    assert!(
+        serve_outcome(
+            dir.path(),
+            &["--jwt-secret", short, "--insecure-short-secret"]
+        )
+        .is_none(),
+        "the opt-out serves"
+    );
+    assert!(
+        serve_outcome(dir.path(), &["--jwt-secret", SECRET]).is_none(),
+        "a 32-byte secret serves"
+    );
+    for key in ["rsa.pem", "ed25519.pem"] {
+        let (code, err) = serve_outcome(dir.path(), &["--jwt-public-key", &fixture_key(key)])
+            .expect("a private key is refused");
+        assert_eq!(code, 2, "{key}: {err}");
+        assert!(err.contains("private key"), "{key}: {err}");
+    }
+    assert!(
+        serve_outcome(
+            dir.path(),
+            &["--jwt-public-key", &fixture_key("rsa.pub.pem")]
+        )
+        .is_none(),
+        "a public key serves"
+    );
+}
+
+/// --jwt-audience and --jwt-issuer (and their environment variables) make
+/// the server require matching `aud` and `iss` claims.
+#[tokio::test]
+async fn audience_and_issuer_flags_are_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("a.db").display());
+    let mut child = Command::new(cli_support::bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--db", &db])
+        .args(["--jwt-audience", "jobcast-cli"])
+        .env("JOBCAST_JWT_ISSUER", "https://issuer.cli")
+        .env("JOBCAST_JWT_SECRET", SECRET)
+        .env("JOBCAST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("addr=").nth(1) {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+                }
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("listening");
+    let s = Served {
+        child,
+        url: format!("http://{addr}"),
+        log: Arc::new(Mutex::new(Vec::new())),
+    };
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let sign = |claims: serde_json::Value| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let perms = serde_json::json!({ "publish": ["*"], "subscribe": ["*"] });
+    let good = sign(
+        serde_json::json!({ "exp": exp, "aud": "jobcast-cli", "iss": "https://issuer.cli", "jobcast": perms }),
+    );
+    let bad = sign(serde_json::json!({ "exp": exp, "aud": "jobcast-cli", "jobcast": perms }));
+    let c = reqwest::Client::new();
+    let get = |t: String| c.get(format!("{}/v1/streams", s.url)).bearer_auth(t).send();
+    assert_eq!(get(good).await.unwrap().status(), 200);
+    assert_eq!(get(bad).await.unwrap().status(), 401);
+}

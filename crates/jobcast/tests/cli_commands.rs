@@ -238,3 +238,20 @@ async fn insecure_no_auth_allows_a_public_bind() {
     let _ = child.wait();
     assert_eq!(status, Some(200), "address line: {addr:?}");
 }
+
+/// `jobcast ready` (the container's HEALTHCHECK): 0 while the server is
+/// ready, 1 when nothing answers.
+#[tokio::test]
+async fn ready_exits_0_when_ready_and_1_when_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let r = run(&server.url, &["ready", "--server", &server.url]).await;
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""), "{r:?}");
+    let r = run(
+        &server.url,
+        &["ready", "--server", "http://127.0.0.1:1", "--timeout", "2s"],
+    )
+    .await;
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stderr.contains("not ready"), "{r:?}");
+}

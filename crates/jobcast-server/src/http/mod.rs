@@ -3,7 +3,9 @@
 mod cors;
 mod error;
 mod events;
+mod guard;
 pub mod input;
+mod origin;
 mod sse;
 mod streams;
 mod ui;
@@ -12,13 +14,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
+use axum::handler::Handler;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{on, MethodFilter};
 use axum::Router;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use tokio_util::sync::CancellationToken;
 
 pub use error::ApiError;
+pub use guard::Need;
 
 use crate::config::Config;
 use crate::hub::Hub;
@@ -43,35 +47,18 @@ pub struct AppState {
 
 /// The router of the whole API.
 pub fn app(state: AppState) -> Router {
-    let router = Router::new()
-        .route("/v1/streams", get(streams::list))
-        .route(
-            "/v1/streams/{id}",
-            put(streams::create)
-                .get(streams::get)
-                .delete(streams::delete),
-        )
-        .route(
-            "/v1/streams/{id}/events",
-            post(events::append).get(events::read),
-        )
-        .route("/v1/streams/{id}/complete", post(streams::complete))
-        .route("/v1/streams/{id}/fail", post(streams::fail))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/", get(ui::index))
-        .route("/ui/{*path}", get(ui::asset))
-        // After routing, so the guard sees the route and the decoded stream id;
-        // before any body is read, so a stranger's body is never buffered.
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            crate::auth::guard,
-        ))
+    let router = routes(&state)
+        .router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // RawBody enforces the configured limit with a JSON error instead.
-        .layer(axum::extract::DefaultBodyLimit::disable());
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        // Before routing, for every route and the fallbacks: without auth,
+        // foreign Host names and cross-site writes stop here.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            origin::check,
+        ));
     // Outermost, so that preflights and every answer (401s too) carry CORS headers.
     let router = match cors::layer(&state.config.cors_origins) {
         Some(cors) => router.layer(cors),
@@ -80,32 +67,162 @@ pub fn app(state: AppState) -> Router {
     router.with_state(state)
 }
 
-/// A request body read whole, up to `--max-body-bytes` (else 413 `body_too_large`).
+/// Every route, each with the permission it needs, declared together.
+fn routes(state: &AppState) -> Routes {
+    use http::Method as M;
+    use Need::*;
+    Routes::new(state)
+        .add(M::GET, "/v1/streams", Token, streams::list)
+        .add(M::GET, "/v1/streams/{id}", Subscribe, streams::get)
+        .add(M::PUT, "/v1/streams/{id}", Publish, streams::create)
+        .add(M::DELETE, "/v1/streams/{id}", Publish, streams::delete)
+        .add(M::GET, "/v1/streams/{id}/events", Subscribe, events::read)
+        .add(M::POST, "/v1/streams/{id}/events", Publish, events::append)
+        .add(
+            M::POST,
+            "/v1/streams/{id}/complete",
+            Publish,
+            streams::complete,
+        )
+        .add(M::POST, "/v1/streams/{id}/fail", Publish, streams::fail)
+        .add(M::GET, "/healthz", Public, healthz)
+        .add(M::GET, "/readyz", Public, readyz)
+        .add(M::GET, "/metrics", Metrics, metrics)
+        .add(M::GET, "/", Public, ui::index)
+        .add(M::GET, "/ui/{*path}", Public, ui::asset)
+}
+
+/// A route as declared: method, path template, and what it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeclaredRoute {
+    /// The method (GET also answers HEAD).
+    pub method: http::Method,
+    /// The path template, e.g. `/v1/streams/{id}`.
+    pub path: &'static str,
+    /// The permission the route's guard checks.
+    pub need: Need,
+}
+
+/// The router's routes as declared, for tests that walk them.
+#[doc(hidden)]
+pub fn declared_routes(state: &AppState) -> Vec<DeclaredRoute> {
+    routes(state).declared
+}
+
+/// The only way a route is added: with the [`Need`] its guard checks, so a
+/// route cannot exist without a declared permission (no second table of
+/// templates to keep in step, no fall-through to "any valid token").
+struct Routes {
+    state: AppState,
+    router: Router<AppState>,
+    declared: Vec<DeclaredRoute>,
+}
+
+impl Routes {
+    fn new(state: &AppState) -> Routes {
+        Routes {
+            state: state.clone(),
+            router: Router::new(),
+            declared: Vec::new(),
+        }
+    }
+
+    fn add<H, T>(
+        mut self,
+        method: http::Method,
+        path: &'static str,
+        need: Need,
+        handler: H,
+    ) -> Routes
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        // The table above uses standard methods only, each of which axum
+        // can filter on; every test builds this router, so a mistake here
+        // cannot reach a release.
+        let filter = MethodFilter::try_from(method.clone())
+            .unwrap_or_else(|e| panic!("route {method} {path}: {e}"));
+        // After routing, so the guard sees the decoded stream id; before any
+        // body is read, so a stranger's body is never buffered.
+        let guard = axum::middleware::from_fn_with_state(
+            guard::Guarded {
+                state: self.state.clone(),
+                need,
+            },
+            guard::guard,
+        );
+        self.router = self
+            .router
+            .route(path, on(filter, handler).route_layer(guard));
+        self.declared.push(DeclaredRoute { method, path, need });
+        self
+    }
+}
+
+/// A request body read whole, up to `--max-body-bytes` (else 413
+/// `body_too_large`, at once when `Content-Length` says so), each piece
+/// within `--body-timeout` of the last (else 408 `body_timeout`). Either
+/// refusal closes the connection: the rest of the body is never read.
 #[derive(Debug)]
 pub struct RawBody(pub axum::body::Bytes);
 
 impl axum::extract::FromRequest<AppState> for RawBody {
-    type Rejection = ApiError;
+    type Rejection = Response;
 
-    async fn from_request(req: axum::extract::Request, state: &AppState) -> Result<Self, ApiError> {
+    async fn from_request(req: axum::extract::Request, state: &AppState) -> Result<Self, Response> {
         use http_body_util::BodyExt;
         let limit = state.config.max_body_bytes;
+        let idle = state.config.body_timeout;
+        let closing = |e: ApiError| {
+            let mut res = e.into_response();
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            res
+        };
         let too_large = || {
-            ApiError::new(
+            closing(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
                 format!("the request body is larger than {limit} bytes"),
-            )
+            ))
         };
-        let body = http_body_util::Limited::new(req.into_body(), limit);
-        match body.collect().await {
-            Ok(c) => Ok(RawBody(c.to_bytes())),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-            Err(e) => Err(ApiError::bad_request(
-                "invalid_body",
-                format!("the request body could not be read: {e}"),
-            )),
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(too_large());
         }
+        let mut body = req.into_body();
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            let frame = match tokio::time::timeout(idle, body.frame()).await {
+                Err(_) => {
+                    return Err(closing(ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "body_timeout",
+                        format!("the request body made no progress for {idle:?}"),
+                    )))
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    return Err(closing(ApiError::bad_request(
+                        "invalid_body",
+                        format!("the request body could not be read: {e}"),
+                    )))
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(too_large());
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(RawBody(buf.freeze()))
     }
 }
 

@@ -11,7 +11,9 @@ use super::{
     json_response, param, params, stream_id, to_json, ApiError, AppState, Params, RawBody,
 };
 use crate::auth::Grant;
-use crate::store::{ListQuery, Refusal, StreamMeta, WriteOp, WriteOutcome, WriteRequest};
+use crate::store::{
+    ListPosition, ListQuery, Refusal, StreamMeta, WriteOp, WriteOutcome, WriteRequest,
+};
 
 fn meta_response(state: &AppState, status: StatusCode, meta: &StreamMeta) -> Response {
     let watchers = state.hub.watchers_of(&meta.id);
@@ -149,12 +151,6 @@ async fn end(
     }
 }
 
-/// Rows looked at per store page when the list is filtered by a token.
-const FILTER_PAGE: u32 = 500;
-/// Store pages looked at for one filtered list answer: a token that sees few
-/// of many streams gets shorter pages (with a `next`), never an unbounded scan.
-const FILTER_PAGES: usize = 8;
-
 /// `GET /v1/streams?state=&limit=&after=`: newest created first, only the
 /// streams the token may subscribe to.
 pub(super) async fn list(
@@ -178,32 +174,32 @@ pub(super) async fn list(
             .filter(|l| (1..=1000).contains(l))
             .ok_or_else(|| ApiError::bad_request("invalid_limit", "limit is 1..1000"))?,
     };
-    let before_key = match param(&q, "after") {
+    let after = match param(&q, "after") {
         None => None,
-        Some(c) => Some(c.parse::<i64>().ok().filter(|k| *k > 0).ok_or_else(|| {
+        Some(c) => Some(decode_cursor(c).ok_or_else(|| {
             ApiError::bad_request(
                 "invalid_cursor",
                 "after takes the `next` of a previous page",
             )
         })?),
     };
-    let (rows, next) = if grant == Grant::all() {
-        let query = ListQuery {
-            state: filter,
-            limit: limit + 1,
-            before_key,
-        };
-        let mut rows = state.store.list(&query).await?;
-        let more = rows.len() > limit as usize;
-        rows.truncate(limit as usize);
-        let next = if more {
-            rows.last().map(|m| m.key.to_string())
-        } else {
-            None
-        };
-        (rows, next)
+    // A token sees only the streams it may subscribe to: the store filters
+    // by its patterns, so every row looked at is a row returned, and the
+    // cursor never stands on a stream the reader cannot see.
+    let patterns = (grant != Grant::all()).then(|| grant.subscribe_patterns().to_vec());
+    let query = ListQuery {
+        state: filter,
+        limit: limit + 1,
+        after,
+        patterns,
+    };
+    let mut rows = state.store.list(&query).await?;
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let next = if more {
+        rows.last().map(encode_cursor)
     } else {
-        filtered(&state, &grant, filter, limit as usize, before_key).await?
+        None
     };
     let streams: Vec<_> = rows
         .iter()
@@ -215,39 +211,30 @@ pub(super) async fn list(
     ))
 }
 
-/// The list filtered by `grant`, looking at a bounded number of store pages;
-/// `next` continues after the last row looked at.
-async fn filtered(
-    state: &AppState,
-    grant: &Grant,
-    filter: Option<StreamState>,
-    limit: usize,
-    mut before_key: Option<i64>,
-) -> Result<(Vec<StreamMeta>, Option<String>), ApiError> {
-    let mut out = Vec::new();
-    for _ in 0..FILTER_PAGES {
-        let query = ListQuery {
-            state: filter,
-            limit: FILTER_PAGE,
-            before_key,
-        };
-        let rows = state.store.list(&query).await?;
-        let exhausted = rows.len() < FILTER_PAGE as usize;
-        for m in rows {
-            before_key = Some(m.key);
-            if grant.may_subscribe(&m.id) {
-                out.push(m);
-                if out.len() == limit {
-                    // Full: whether more follow is found out by the next page.
-                    return Ok((out, before_key.map(|k| k.to_string())));
-                }
-            }
-        }
-        if exhausted {
-            return Ok((out, None));
-        }
+/// The list cursor: base64url of `{created_at ms}:{id}` of the last stream
+/// of a page — only what that page shows. Opaque to clients (they pass it
+/// back as `after`), so its form may change.
+fn encode_cursor(m: &StreamMeta) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}:{}", m.created_at, m.id))
+}
+
+/// The position a cursor stands for; None when it is not one of ours.
+fn decode_cursor(c: &str) -> Option<ListPosition> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let (time, id) = text.split_once(':')?;
+    if time.is_empty() || !time.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
     }
-    Ok((out, before_key.map(|k| k.to_string())))
+    jobcast_protocol::validate_stream_id(id).ok()?;
+    Some(ListPosition {
+        created_at: time.parse().ok()?,
+        id: id.to_owned(),
+    })
 }
 
 /// A write answered with an outcome that does not fit its request: a bug,

@@ -247,8 +247,64 @@ pub struct ListQuery {
     pub state: Option<StreamState>,
     /// At most this many.
     pub limit: u32,
-    /// Only streams created before the one with this key (the cursor).
-    pub before_key: Option<i64>,
+    /// Only streams after this position in the order (newest created first).
+    pub after: Option<ListPosition>,
+    /// Only streams matching one of these patterns (exact ids, or prefixes
+    /// ending in `*`); None: every stream.
+    pub patterns: Option<Vec<String>>,
+}
+
+/// A place in the stream list's order: `created_at` descending, then `id`
+/// descending. Made only of what a listed stream shows, so a cursor built
+/// from it tells nothing about streams the reader cannot see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPosition {
+    /// The stream's creation time, unix milliseconds.
+    pub created_at: i64,
+    /// The stream's id.
+    pub id: String,
+}
+
+/// Appends the `WHERE` terms and `ORDER BY … LIMIT` of a list query, the
+/// same for every SQL backend.
+fn push_list_query<'a, DB>(qb: &mut sqlx::QueryBuilder<'a, DB>, q: &'a ListQuery)
+where
+    DB: sqlx::Database,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    if let Some(state) = q.state {
+        qb.push(" AND state = ").push_bind(state.as_str());
+    }
+    if let Some(p) = &q.after {
+        qb.push(" AND (created_at < ")
+            .push_bind(p.created_at)
+            .push(" OR (created_at = ")
+            .push_bind(p.created_at)
+            .push(" AND id < ")
+            .push_bind(p.id.as_str())
+            .push("))");
+    }
+    match &q.patterns {
+        Some(patterns) if !patterns.iter().any(|p| p == "*") => {
+            // The same matching as auth::matches: exact, or a plain prefix.
+            qb.push(" AND (1 = 0");
+            for p in patterns {
+                match p.strip_suffix('*') {
+                    Some(prefix) => qb
+                        .push(" OR substr(id, 1, ")
+                        .push_bind(prefix.chars().count() as i64)
+                        .push(") = ")
+                        .push_bind(prefix),
+                    None => qb.push(" OR id = ").push_bind(p.as_str()),
+                };
+            }
+            qb.push(")");
+        }
+        _ => {}
+    }
+    qb.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+        .push_bind(i64::from(q.limit));
 }
 
 /// Makes a [`Store::Faulty`] fail every call while set: for outage tests
@@ -298,7 +354,9 @@ impl Store {
         } else if config.db.starts_with("postgres://") || config.db.starts_with("postgresql://") {
             Ok(Store::Postgres(PgStore::open(config, hub, metrics).await?))
         } else {
-            Err(StoreError::UnsupportedUrl(config.db.clone()))
+            Err(StoreError::UnsupportedUrl(crate::config::redact_db_url(
+                &config.db,
+            )))
         }
     }
 

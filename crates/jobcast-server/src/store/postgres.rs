@@ -207,14 +207,7 @@ impl PgStore {
     pub(super) async fn list(&self, q: &ListQuery) -> Result<Vec<StreamMeta>, StoreError> {
         let mut qb =
             QueryBuilder::<Postgres>::new(format!("SELECT {META_COLUMNS} FROM streams WHERE true"));
-        if let Some(state) = q.state {
-            qb.push(" AND state = ").push_bind(state.as_str());
-        }
-        if let Some(before) = q.before_key {
-            qb.push(" AND key < ").push_bind(before);
-        }
-        qb.push(" ORDER BY key DESC LIMIT ")
-            .push_bind(q.limit as i64);
+        super::push_list_query(&mut qb, q);
         let rows = qb.build().fetch_all(&self.inner.pool).await?;
         Ok(rows.iter().map(meta_from_row).collect::<Result<_, _>>()?)
     }
