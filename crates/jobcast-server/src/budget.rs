@@ -135,6 +135,18 @@ impl Permit {
         self.bytes = n;
     }
 
+    /// Holds `n` bytes more if they fit in the budget.
+    pub fn try_grow(&mut self, n: usize) -> bool {
+        match self.budget.try_take(n) {
+            Some(mut more) => {
+                // Merged into this permit: `more` releases nothing when dropped.
+                self.bytes += std::mem::take(&mut more.bytes);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// `bytes` carrying this permit: released when the last handle to
     /// them is dropped (after the connection wrote them).
     pub fn attach(mut self, bytes: Bytes) -> Bytes {

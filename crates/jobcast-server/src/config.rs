@@ -149,6 +149,7 @@ impl std::fmt::Debug for Config {
             max_body_bytes,
             max_batch,
             ring_bytes,
+            memory_budget,
             page_size,
             store_retry_limit,
             shutdown_grace,
@@ -182,6 +183,7 @@ impl std::fmt::Debug for Config {
             .field("max_body_bytes", max_body_bytes)
             .field("max_batch", max_batch)
             .field("ring_bytes", ring_bytes)
+            .field("memory_budget", memory_budget)
             .field("page_size", page_size)
             .field("store_retry_limit", store_retry_limit)
             .field("shutdown_grace", shutdown_grace)

@@ -98,3 +98,45 @@ async fn stalled_watchers_are_bounded_by_the_memory_budget() {
     let seqs: Vec<u64> = w.collect(T).await.iter().map(seq_of).collect();
     assert_eq!(seqs, (1..=31).collect::<Vec<_>>());
 }
+
+/// Request bodies count against the budget while they are read: past it a
+/// body is refused with 503 `memory_budget_exceeded` and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_count_against_the_budget() {
+    let s = TestServer::start_with(|c| {
+        c.memory_budget = 1 << 20;
+        c.body_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let addr: std::net::SocketAddr = s.url.trim_start_matches("http://").parse().unwrap();
+    // A producer that declares 900 KiB and sends it slowly holds its share.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/streams/b/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        900 << 10
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(b"{\"data\":\"").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Another large body does not fit now.
+    let body = serde_json::json!({ "data": "y".repeat(600 << 10) }).to_string();
+    let (status, v) = s.post("/v1/streams/b2/events", &body).await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "memory_budget_exceeded");
+    let (status, _) = s.get_json("/v1/streams/b2").await;
+    assert_eq!(status, 404, "a refused append wrote nothing");
+    // Small appends still fit.
+    s.append("b3", "small").await;
+    // The slow producer goes away: its share is free again.
+    drop(slow);
+    let mut ok = false;
+    for _ in 0..50 {
+        let (status, _) = s.post("/v1/streams/b2/events", &body).await;
+        if status == 201 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "the budget was not released after the body went away");
+}

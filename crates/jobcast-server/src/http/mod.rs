@@ -195,6 +195,22 @@ impl axum::extract::FromRequest<AppState> for RawBody {
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(too_large());
         }
+        // The body counts against the memory budget while it is read and
+        // until the handler is done with it.
+        let over_budget = || {
+            closing(ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "memory_budget_exceeded",
+                    "the server holds as much as its memory budget allows; retry shortly",
+                )
+            })
+        };
+        let mut permit = state
+            .budget
+            .try_take(declared.unwrap_or(0) as usize)
+            .ok_or_else(over_budget)?;
         let mut body = req.into_body();
         let mut buf = bytes::BytesMut::new();
         loop {
@@ -219,10 +235,14 @@ impl axum::extract::FromRequest<AppState> for RawBody {
                 if buf.len() + data.len() > limit {
                     return Err(too_large());
                 }
+                let need = (buf.len() + data.len()).saturating_sub(permit.bytes());
+                if need > 0 && !permit.try_grow(need) {
+                    return Err(over_budget());
+                }
                 buf.extend_from_slice(&data);
             }
         }
-        Ok(RawBody(buf.freeze()))
+        Ok(RawBody(permit.attach(buf.freeze())))
     }
 }
 
