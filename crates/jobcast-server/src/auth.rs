@@ -221,6 +221,7 @@ impl Auth {
             metrics: perms.metrics,
             expires: Some(expires),
             source,
+            subject: claims.sub,
         })
     }
 }
@@ -250,6 +251,9 @@ struct Claims {
     nbf: Option<u64>,
     #[serde(default)]
     jobcast: Option<Perms>,
+    /// Who the token names (per-subject watcher caps, cancel requests).
+    #[serde(default)]
+    sub: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -304,6 +308,8 @@ pub struct Grant {
     pub expires: Option<SystemTime>,
     /// Where the token came from (`Bearer` when auth is off).
     pub source: TokenSource,
+    /// The token's `sub` claim, if any.
+    pub subject: Option<String>,
 }
 
 impl Grant {
@@ -315,6 +321,7 @@ impl Grant {
             metrics: true,
             expires: None,
             source: TokenSource::Bearer,
+            subject: None,
         }
     }
 
@@ -326,6 +333,7 @@ impl Grant {
             metrics: false,
             expires: Some(UNIX_EPOCH),
             source: TokenSource::Query,
+            subject: None,
         }
     }
 

@@ -90,6 +90,10 @@ pub struct Config {
     pub max_connections_per_ip: Option<usize>,
     /// Most SSE watchers of one stream on this node; more are answered 503.
     pub max_watchers_per_stream: usize,
+    /// Most SSE watchers from one client address (None: no cap).
+    pub max_watchers_per_ip: Option<usize>,
+    /// Most SSE watchers of one token subject (`sub`; None: no cap).
+    pub max_watchers_per_subject: Option<usize>,
 }
 
 impl Default for Config {
@@ -127,6 +131,8 @@ impl Default for Config {
             max_connections: 16_384,
             max_connections_per_ip: None,
             max_watchers_per_stream: 10_000,
+            max_watchers_per_ip: None,
+            max_watchers_per_subject: None,
         }
     }
 }
@@ -167,6 +173,8 @@ impl std::fmt::Debug for Config {
             max_connections,
             max_connections_per_ip,
             max_watchers_per_stream,
+            max_watchers_per_ip,
+            max_watchers_per_subject,
         } = self;
         f.debug_struct("Config")
             .field("db", &redact_db_url(db))
@@ -201,6 +209,8 @@ impl std::fmt::Debug for Config {
             .field("max_connections", max_connections)
             .field("max_connections_per_ip", max_connections_per_ip)
             .field("max_watchers_per_stream", max_watchers_per_stream)
+            .field("max_watchers_per_ip", max_watchers_per_ip)
+            .field("max_watchers_per_subject", max_watchers_per_subject)
             .finish()
     }
 }

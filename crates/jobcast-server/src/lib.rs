@@ -60,6 +60,10 @@ impl Jobcast {
                 store,
                 hub,
                 budget,
+                watcher_caps: Arc::new(limits::WatcherCaps::new(
+                    config.max_watchers_per_ip,
+                    config.max_watchers_per_subject,
+                )),
                 metrics,
                 config: Arc::new(config),
                 shutdown: CancellationToken::new(),

@@ -245,3 +245,106 @@ mod tests {
         assert_eq!(lock(&l.inner.per_ip).len(), 2);
     }
 }
+
+/// The address a request came from (put into its extensions by the accept loop).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub(crate) IpAddr);
+
+/// Caps on SSE watchers per client address and per token subject
+/// (`--max-watchers-per-ip`, `--max-watchers-per-subject`; off by default:
+/// behind a proxy every watcher has the proxy's address).
+#[derive(Debug, Default)]
+pub(crate) struct WatcherCaps {
+    per_ip: Option<usize>,
+    per_subject: Option<usize>,
+    /// std Mutex: a map update per watch start and end, never held across an await.
+    counts: Mutex<HashMap<WatcherKey, usize>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum WatcherKey {
+    Ip(IpAddr),
+    Subject(String),
+}
+
+/// Which cap refused a watcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WatcherCap {
+    /// `--max-watchers-per-ip`.
+    PerIp(usize),
+    /// `--max-watchers-per-subject`.
+    PerSubject(usize),
+}
+
+impl WatcherCaps {
+    /// Caps as configured (None: no cap).
+    pub(crate) fn new(per_ip: Option<usize>, per_subject: Option<usize>) -> WatcherCaps {
+        WatcherCaps {
+            per_ip,
+            per_subject,
+            counts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A slot for one more watcher from `ip` with `subject`, or the cap it hit.
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        ip: Option<IpAddr>,
+        subject: Option<&str>,
+    ) -> Result<WatcherSlot, WatcherCap> {
+        let mut keys = Vec::new();
+        if let (Some(max), Some(ip)) = (self.per_ip, ip) {
+            keys.push((WatcherKey::Ip(ip), WatcherCap::PerIp(max), max));
+        }
+        if let (Some(max), Some(sub)) = (self.per_subject, subject) {
+            keys.push((
+                WatcherKey::Subject(sub.to_owned()),
+                WatcherCap::PerSubject(max),
+                max,
+            ));
+        }
+        if keys.is_empty() {
+            return Ok(WatcherSlot {
+                caps: self.clone(),
+                keys: Vec::new(),
+            });
+        }
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, cap, max) in &keys {
+            if counts.get(key).copied().unwrap_or(0) >= *max {
+                return Err(*cap);
+            }
+        }
+        for (key, _, _) in &keys {
+            *counts.entry(key.clone()).or_insert(0) += 1;
+        }
+        Ok(WatcherSlot {
+            caps: self.clone(),
+            keys: keys.into_iter().map(|(k, _, _)| k).collect(),
+        })
+    }
+}
+
+/// A watcher's place under the caps; given back when dropped.
+#[derive(Debug)]
+pub(crate) struct WatcherSlot {
+    caps: Arc<WatcherCaps>,
+    keys: Vec<WatcherKey>,
+}
+
+impl Drop for WatcherSlot {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let mut counts = self.caps.counts.lock().unwrap_or_else(|e| e.into_inner());
+        for key in self.keys.drain(..) {
+            if let Some(n) = counts.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&key);
+                }
+            }
+        }
+    }
+}

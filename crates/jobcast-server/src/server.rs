@@ -72,7 +72,16 @@ pub async fn serve(
         if let Err(e) = sock.set_nodelay(true) {
             tracing::debug!(error = %e, %peer, "set_nodelay failed");
         }
-        let svc = TowerToHyperService::new(router.clone());
+        // Every request of this connection carries its peer's address.
+        let ip = crate::limits::Peer(peer.ip());
+        let svc = TowerToHyperService::new(
+            tower::ServiceBuilder::new()
+                .map_request(move |mut req: http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ip);
+                    req
+                })
+                .service(router.clone()),
+        );
         let token = token.clone();
         let metrics = state.metrics.clone();
         let lean_sse = state.config.lean_sse;
@@ -111,7 +120,8 @@ pub async fn serve(
                     .await;
                     return;
                 }
-                Head::Watch(req) => {
+                Head::Watch(mut req) => {
+                    req.extensions_mut().insert(ip);
                     // The body ends itself at shutdown; writes are bounded by the write timeout.
                     if let Err(e) = lean::serve(sock, req, router).await {
                         tracing::debug!(error = %e, %peer, "watch connection ended with an error");

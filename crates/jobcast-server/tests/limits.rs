@@ -202,3 +202,98 @@ async fn body_event_and_batch_limits() {
     }
     assert_eq!(s.meta("b-1").await["events"], 4);
 }
+
+/// `--max-watchers-per-ip`: a third watcher from one address gets 429;
+/// another address is served; a watcher leaving makes room (issue 15).
+#[tokio::test]
+async fn watchers_per_ip() {
+    let s = TestServer::start_with(|c| c.max_watchers_per_ip = Some(2)).await;
+    s.append("i-1", "one").await;
+    let a = client_from("127.0.0.1");
+    let b = client_from("127.0.0.2");
+    let mut w1 = watch(&a, &s, "i-1").await;
+    let w2 = watch(&a, &s, "i-1").await;
+    assert_eq!((w1.status, w2.status), (200, 200));
+    let res = a
+        .get(s.url("/v1/streams/i-1/events"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await;
+    let (status, retry_after, code) = refused(res).await;
+    assert_eq!(
+        (status, retry_after.as_str(), code.as_str()),
+        (429, "5", "too_many_watchers")
+    );
+    // Another address, and the same address's JSON reads, are served.
+    let mut other = watch(&b, &s, "i-1").await;
+    assert_eq!(other.status, 200);
+    assert_eq!(first_event(&mut other).await, "one");
+    assert_eq!(first_event(&mut w1).await, "one");
+    let (status, _) =
+        status_json(a.get(s.url("/v1/streams/i-1/events")).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    drop(w2);
+    let mut room = false;
+    for _ in 0..100 {
+        if watch(&a, &s, "i-1").await.status == 200 {
+            room = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(room, "a watcher that left still counted");
+}
+
+/// `--max-watchers-per-subject`: the token's `sub` is capped across streams
+/// and addresses; another subject is served.
+#[tokio::test]
+async fn watchers_per_subject() {
+    use jobcast_server::Auth;
+    const SECRET: &str = "a test secret, long enough for HS256";
+    let s = TestServer::start_with(|c| {
+        c.max_watchers_per_subject = Some(1);
+        c.auth = Some(Auth::hs256(SECRET).unwrap());
+    })
+    .await;
+    let token = |sub: &str| {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        let claims = serde_json::json!({
+            "sub": sub, "exp": exp,
+            "jobcast": {"publish": ["*"], "subscribe": ["*"]}
+        });
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let get = |stream: &str, t: &str, ip: &str| {
+        client_from(ip)
+            .get(s.url(&format!("/v1/streams/{stream}/events?wait=5")))
+            .header("accept", "text/event-stream")
+            .bearer_auth(t.to_owned())
+            .send()
+    };
+    let alice = token("alice");
+    let w = Sse::new(get("s-1", &alice, "127.0.0.1").await.unwrap());
+    assert_eq!(w.status, 200);
+    let (status, _, code) = refused(get("s-2", &alice, "127.0.0.3").await).await;
+    assert_eq!((status, code.as_str()), (429, "too_many_watchers"));
+    let bob = Sse::new(get("s-2", &token("bob"), "127.0.0.3").await.unwrap());
+    assert_eq!(bob.status, 200);
+    drop(w);
+    let mut room = false;
+    for _ in 0..100 {
+        if get("s-2", &alice, "127.0.0.1").await.unwrap().status() == 200 {
+            room = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(room, "a watcher that left still counted");
+}

@@ -169,6 +169,12 @@ struct ServeArgs {
         default_value_t = 10_000
     )]
     max_watchers_per_stream: usize,
+    /// Most SSE watchers from one client address (more get 429; default: no cap, as behind a proxy every watcher has its address).
+    #[arg(long, env = "JOBCAST_MAX_WATCHERS_PER_IP")]
+    max_watchers_per_ip: Option<usize>,
+    /// Most SSE watchers of one token subject, the `sub` claim (more get 429; default: no cap).
+    #[arg(long, env = "JOBCAST_MAX_WATCHERS_PER_SUBJECT")]
+    max_watchers_per_subject: Option<usize>,
     /// Verify HS256 tokens with this secret (prefer the environment variable).
     #[arg(long, env = "JOBCAST_JWT_SECRET", hide_env_values = true, value_parser = secret, conflicts_with = "jwt_public_key")]
     jwt_secret: Option<Secret>,
@@ -317,6 +323,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_connections_per_ip: args.max_connections_per_ip,
         max_watchers_per_stream: args.max_watchers_per_stream,
         memory_budget: args.memory_budget,
+        max_watchers_per_ip: args.max_watchers_per_ip,
+        max_watchers_per_subject: args.max_watchers_per_subject,
         auth,
         auth_cookie: args.auth_cookie.clone(),
         cors_origins: args.cors_origin.clone(),

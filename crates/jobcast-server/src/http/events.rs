@@ -67,18 +67,16 @@ pub(super) async fn read(
     State(state): State<AppState>,
     Path(id): Path<String>,
     grant: Option<Extension<Grant>>,
+    peer: Option<Extension<crate::limits::Peer>>,
     headers: HeaderMap,
     q: Params,
 ) -> Result<Response, ApiError> {
     let id = stream_id(&id)?;
     let q = params(q)?;
+    let grant = grant.map(|Extension(g)| g).unwrap_or_else(Grant::none);
     // No response outlives its authorization: SSE closes with `token_expired`
     // and a long-poll answers at the token's expiry.
-    let expires = grant
-        .map(|Extension(g)| g)
-        .unwrap_or_else(Grant::none)
-        .remaining()
-        .map(|left| Instant::now() + left);
+    let expires = grant.remaining().map(|left| Instant::now() + left);
     if wants_sse(&headers) {
         let last_event_id = headers
             .get("last-event-id")
@@ -86,7 +84,11 @@ pub(super) async fn read(
             .filter(|v| !v.is_empty());
         let resume = resume(last_event_id.or(param(&q, "last_event_id")), &q)?;
         let wait = wait(&q, state.config.default_wait, state.config.max_wait)?;
-        return sse::watch(state, id.to_owned(), resume, wait, expires).await;
+        let who = sse::Who {
+            ip: peer.map(|Extension(p)| p.0),
+            subject: grant.subject,
+        };
+        return sse::watch(state, id.to_owned(), resume, wait, expires, who).await;
     }
     page(state, id, &q, expires).await
 }

@@ -37,6 +37,8 @@ pub struct AppState {
     pub hub: Hub,
     /// The server's memory budget (replay frames, bodies, rings).
     pub budget: crate::budget::Budget,
+    /// Watchers per client address and per token subject.
+    pub(crate) watcher_caps: Arc<crate::limits::WatcherCaps>,
     /// Prometheus metrics.
     pub metrics: crate::metrics::Metrics,
     /// The configuration.

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use super::{ApiError, AppState, VARY};
 use crate::budget::Permit;
 use crate::hub::Subscription;
+use crate::limits::{WatcherCap, WatcherSlot};
 use crate::store::PAGE_BYTES;
 use crate::watch::{Failure, Mode, Resume, Sent, Settings, Step, Watch};
 
@@ -113,6 +114,15 @@ fn over_budget() -> ApiError {
     }
 }
 
+/// Who is watching, for the per-address and per-subject caps.
+#[derive(Debug, Default)]
+pub(super) struct Who {
+    /// The client's address.
+    pub(super) ip: Option<std::net::IpAddr>,
+    /// The token's subject.
+    pub(super) subject: Option<String>,
+}
+
 /// Starts a watch. Answers 204 when `resume` is the stream's end.
 pub(super) async fn watch(
     state: AppState,
@@ -120,7 +130,25 @@ pub(super) async fn watch(
     resume: Resume,
     wait: Duration,
     expires: Option<Instant>,
+    who: Who,
 ) -> Result<Response, ApiError> {
+    let slot = state
+        .watcher_caps
+        .admit(who.ip, who.subject.as_deref())
+        .map_err(|cap| {
+            let (what, max) = match cap {
+                WatcherCap::PerIp(max) => ("from this address", max),
+                WatcherCap::PerSubject(max) => ("for this token's subject", max),
+            };
+            ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_watchers",
+                    format!("{max} watchers {what} are open, the most allowed; retry later"),
+                )
+            }
+        })?;
     // The cursor on the hub exists before the store is read: nothing
     // committed in between can be missed.
     let sub = state.hub.subscribe(&stream);
@@ -188,6 +216,7 @@ pub(super) async fn watch(
     encode::retry(&mut head, state.config.retry.as_millis() as u64);
     state.metrics.watch_opened();
     let watcher = Watcher {
+        _slot: slot,
         timer: Box::pin(tokio::time::sleep_until(now + state.config.heartbeat)),
         pending: Some(first),
         budget_waited: Duration::ZERO,
@@ -241,6 +270,8 @@ struct Watcher {
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     /// How long the watcher has waited for room in the memory budget.
     budget_waited: Duration,
+    /// Its place under the per-address and per-subject caps.
+    _slot: WatcherSlot,
     done: bool,
 }
 
@@ -387,6 +418,7 @@ mod size_tests {
             page_size: 100,
         };
         let mut w = Watcher {
+            _slot: state.watcher_caps.admit(None, None).unwrap(),
             timer: Box::pin(tokio::time::sleep_until(now)),
             pending: None,
             budget_waited: Duration::ZERO,
