@@ -132,7 +132,27 @@ pub struct Entry {
     version: AtomicU64,
     /// Subscriptions; changed only under the hub's map lock.
     watchers: AtomicUsize,
+    /// Store pages read for watchers behind the ring, shared by all of them.
+    catchup: Mutex<Catchup>,
+    /// Single flight: one store page read at a time per stream, so watchers
+    /// behind the ring wait for the one in flight and take it from
+    /// `catchup` (tokio Mutex: held across the read).
+    reading: tokio::sync::Mutex<()>,
 }
+
+/// Recently read store pages of a stream, encoded once: N watchers catching
+/// up cost one store read per page, not N. Events are immutable per
+/// creation and seq, so a page stays valid for its epoch.
+#[derive(Debug, Default)]
+struct Catchup {
+    batches: VecDeque<Arc<Batch>>,
+    bytes: usize,
+    /// `bytes`, held in the server's memory budget.
+    permit: Option<crate::budget::Permit>,
+}
+
+/// Most bytes of store pages kept per stream for catching-up watchers.
+const CATCHUP_BYTES: usize = 4 << 20;
 
 #[derive(Debug)]
 struct Inner {
@@ -356,6 +376,11 @@ impl Entry {
     pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
         self.notify.notified()
     }
+
+    /// The stream's single-flight lock for store page reads.
+    pub async fn read_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.reading.lock().await
+    }
 }
 
 impl Subscription {
@@ -389,6 +414,65 @@ impl Subscription {
     /// The epoch and seq of the newest batch in the ring when subscribing.
     pub fn head_at_subscribe(&self) -> Option<(&str, u64)> {
         self.head.as_ref().map(|(e, s)| (&**e, *s))
+    }
+
+    /// Hands `take` the cached store pages of `epoch` from the one that
+    /// holds seq `after + 1` on (in seq order; `take` stops at a gap), if one
+    /// is kept.
+    pub fn read_cached<R>(
+        &self,
+        epoch: &str,
+        after: u64,
+        take: impl FnOnce(std::collections::vec_deque::Iter<'_, Arc<Batch>>) -> R,
+    ) -> Option<R> {
+        let cache = lock(&self.entry.catchup);
+        let want = after.checked_add(1)?;
+        let i = cache
+            .batches
+            .iter()
+            .position(|b| &*b.epoch == epoch && b.first_seq <= want && want <= b.last_seq)?;
+        Some(take(cache.batches.range(i..)))
+    }
+
+    /// Whether other watchers share this stream on this node (a page read
+    /// for this one is then worth keeping).
+    pub fn shared(&self) -> bool {
+        self.entry.watchers.load(Ordering::Relaxed) > 1
+    }
+
+    /// Keeps a store page for the other watchers of this stream, when there
+    /// are others and the memory budget has room; the oldest go first.
+    pub fn cache_page(&self, batch: Arc<Batch>) {
+        if !self.shared() || self.hub.inner.budget.exhausted() {
+            return;
+        }
+        let mut cache = lock(&self.entry.catchup);
+        if cache.batches.iter().any(|b| {
+            b.epoch == batch.epoch && b.first_seq <= batch.first_seq && batch.last_seq <= b.last_seq
+        }) {
+            return;
+        }
+        // A new creation's pages replace the old one's.
+        if cache.batches.front().is_some_and(|b| b.key != batch.key) {
+            cache.batches.clear();
+            cache.bytes = 0;
+        }
+        cache.bytes += batch.bytes.len();
+        // Kept in seq order, so a watcher can go from one page into the next.
+        let at = cache
+            .batches
+            .partition_point(|b| b.first_seq <= batch.first_seq);
+        cache.batches.insert(at, batch);
+        while cache.bytes > CATCHUP_BYTES && cache.batches.len() > 1 {
+            if let Some(old) = cache.batches.pop_front() {
+                cache.bytes -= old.bytes.len();
+            }
+        }
+        let bytes = cache.bytes;
+        match cache.permit.as_mut() {
+            Some(p) => p.resize(bytes),
+            None => cache.permit = Some(self.hub.inner.budget.take(bytes)),
+        }
     }
 
     /// Whether the hub was closed (shutdown). Check it after registering

@@ -96,6 +96,7 @@ struct Inner {
     publish_to_write_seconds: Histogram,
     memory_used: Gauge,
     memory_limit: Gauge,
+    page_reads: Counter,
 }
 
 impl Default for Metrics {
@@ -169,6 +170,12 @@ impl Metrics {
             "Connections answered 503/429 and closed at a connection limit, by limit",
             refused.clone(),
         );
+        let page_reads = Counter::default();
+        registry.register(
+            "store_page_reads",
+            "Pages of events read from the store (replay, catch-up, long-polls)",
+            page_reads.clone(),
+        );
         let memory_used = Gauge::default();
         let memory_limit = Gauge::default();
         registry.register(
@@ -209,6 +216,7 @@ impl Metrics {
                 publish_to_write_seconds,
                 memory_used,
                 memory_limit,
+                page_reads,
             }),
         }
     }
@@ -289,6 +297,11 @@ impl Metrics {
     /// A watcher fell out of the ring and reads the store.
     pub fn slow_fallback(&self) {
         self.inner.slow_fallbacks.inc();
+    }
+
+    /// A page of events was read from the store.
+    pub fn page_read(&self) {
+        self.inner.page_reads.inc();
     }
 
     /// A store call failed.

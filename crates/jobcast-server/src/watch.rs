@@ -724,7 +724,31 @@ impl Watch {
         // The ring first, even after a change: it holds only committed events
         // of this creation, which come before a delete's `stream_deleted`.
         let ring = sub.read(&epoch, after, |batches| cursor.take_batches(batches));
+        // Behind the ring: a page another watcher of this stream brought in
+        // serves this one too (no store read).
+        let cached = match &ring {
+            Ok(None) | Err(RingRead::Gap) if !changed => {
+                sub.read_cached(&epoch, after, |b| cursor.take_batches(b))
+            }
+            Err(RingRead::Nothing) if behind && !changed => {
+                sub.read_cached(&epoch, after, |b| cursor.take_batches(b))
+            }
+            _ => None,
+        }
+        .flatten();
         let ended = cursor.ended;
+        if let Some(frame) = cached {
+            let sent = Sent::Events {
+                count: frame.last_seq + 1 - frame.first_seq,
+                from_store: true,
+                published: None,
+            };
+            if ended {
+                self.phase = Phase::Done;
+                self.close_reason = CloseReason::End;
+            }
+            return self.send(now, frame.bytes, sent);
+        }
         match ring {
             Ok(Some(frame)) => {
                 let sent = Sent::Events {

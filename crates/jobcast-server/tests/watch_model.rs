@@ -472,6 +472,21 @@ impl Model {
             State::Reading(Read::Page(after, limit, None)) => {
                 let r = self.read(&self.conns[i].id.clone(), after, limit);
                 self.first_read(i);
+                // As the shell does: a page is kept for the stream's other watchers.
+                if let (Ok(Some(page)), true) = (&r, self.conns[i].sub.shared()) {
+                    if let (Some(first), Some(last)) = (page.events.first(), page.events.last()) {
+                        let b = Batch::encode(
+                            page.meta.key,
+                            &page.meta.epoch,
+                            first.seq,
+                            page.events
+                                .iter()
+                                .map(|e| (e.event_type.as_str(), e.data.as_str())),
+                            last.event_type == "jobcast.end",
+                        );
+                        self.conns[i].sub.cache_page(Arc::new(b));
+                    }
+                }
                 self.conns[i].state = State::Reading(Read::Page(after, limit, Some(r)));
                 return;
             }

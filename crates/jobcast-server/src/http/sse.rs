@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::{ApiError, AppState, VARY};
 use crate::budget::Permit;
-use crate::hub::Subscription;
+use crate::hub::{Batch, Subscription};
 use crate::limits::{WatcherCap, WatcherSlot};
 use crate::store::PAGE_BYTES;
 use crate::watch::{Failure, Mode, Resume, Sent, Settings, Step, Watch};
@@ -54,23 +54,8 @@ async fn read_once(
             let r = Box::pin(state.store.meta(stream)).await;
             w.on_meta(clock(), sub, r)
         }
-        Step::ReadPage { after, limit, gap } => {
-            if gap {
-                state.metrics.slow_fallback();
-            }
-            let r = Box::pin(state.store.read(stream, after, limit)).await;
-            match (w.on_page(clock(), sub, r), permit) {
-                (
-                    Step::Send(
-                        bytes,
-                        sent @ Sent::Events {
-                            from_store: true, ..
-                        },
-                    ),
-                    Some(p),
-                ) => Step::Send(p.attach(bytes), sent),
-                (other, _) => other,
-            }
+        step @ Step::ReadPage { .. } => {
+            Box::pin(replay_page(state, stream, w, sub, step, permit)).await
         }
         other => other,
     };
@@ -78,6 +63,76 @@ async fn read_once(
         state.metrics.resume(outcome);
     }
     next
+}
+
+/// A store page for `w`, one read per stream at a time: after waiting for
+/// the read in flight, the machine is asked again (another watcher may just
+/// have brought its page in); a page read here is kept for the stream's
+/// other watchers (`Subscription::cache_page`).
+async fn replay_page(
+    state: &AppState,
+    stream: &str,
+    w: &mut Watch,
+    sub: &Subscription,
+    step: Step,
+    permit: Option<Permit>,
+) -> Step {
+    if !sub.shared() {
+        let Step::ReadPage { after, limit, gap } = step else {
+            return step;
+        };
+        return read_page(state, stream, w, sub, (after, limit, gap), permit).await;
+    }
+    let entry = sub.entry();
+    let _flight = entry.read_lock().await;
+    match w.next(clock(), sub) {
+        Step::ReadPage { after, limit, gap } => {
+            read_page(state, stream, w, sub, (after, limit, gap), permit).await
+        }
+        other => other,
+    }
+}
+
+/// Reads one page after `after` and hands it to `w`; the frame it becomes
+/// carries `permit`. Kept for the stream's other watchers when it has some.
+async fn read_page(
+    state: &AppState,
+    stream: &str,
+    w: &mut Watch,
+    sub: &Subscription,
+    (after, limit, gap): (u64, u32, bool),
+    permit: Option<Permit>,
+) -> Step {
+    if gap {
+        state.metrics.slow_fallback();
+    }
+    let r = Box::pin(state.store.read(stream, after, limit)).await;
+    if let (Ok(Some(page)), true) = (&r, sub.shared()) {
+        if let (Some(first), Some(last)) = (page.events.first(), page.events.last()) {
+            let batch = Batch::encode(
+                page.meta.key,
+                &page.meta.epoch,
+                first.seq,
+                page.events
+                    .iter()
+                    .map(|e| (e.event_type.as_str(), e.data.as_str())),
+                last.event_type == jobcast_protocol::END_EVENT,
+            );
+            sub.cache_page(std::sync::Arc::new(batch));
+        }
+    }
+    match (w.on_page(clock(), sub, r), permit) {
+        (
+            Step::Send(
+                bytes,
+                sent @ Sent::Events {
+                    from_store: true, ..
+                },
+            ),
+            Some(p),
+        ) => Step::Send(p.attach(bytes), sent),
+        (other, _) => other,
+    }
 }
 
 /// Carries out store reads for `w` until it asks for something else (a

@@ -406,8 +406,14 @@ impl Store {
         limit: u32,
     ) -> Result<Option<Page>, StoreError> {
         match self {
-            Store::Sqlite(s) => s.metrics().counted(s.read(stream, after, limit).await),
-            Store::Postgres(s) => s.metrics().counted(s.read(stream, after, limit).await),
+            Store::Sqlite(s) => {
+                s.metrics().page_read();
+                s.metrics().counted(s.read(stream, after, limit).await)
+            }
+            Store::Postgres(s) => {
+                s.metrics().page_read();
+                s.metrics().counted(s.read(stream, after, limit).await)
+            }
             #[cfg(feature = "test-util")]
             Store::Faulty(inner, switch, m) => {
                 switch.check(m)?;

@@ -1,0 +1,62 @@
+//! One shared catch-up per stream (issue 13): watchers behind the ring are
+//! fed from the pages one of them brings in, one store read at a time per
+//! stream, so N watchers catching up cost about one watcher's reads.
+
+mod common;
+
+use common::{seq_of, TestServer};
+use std::time::Duration;
+
+fn page_reads(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("jobcast_store_page_reads_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no jobcast_store_page_reads_total in {metrics}"))
+}
+
+async fn reads(s: &TestServer) -> u64 {
+    let (_, m) = s.get_json("/metrics").await;
+    page_reads(m.as_str().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_watchers_catching_up_share_the_store_reads() {
+    const EVENTS: u64 = 20_000;
+    const WATCHERS: usize = 200;
+    let s = TestServer::start_with(|c| c.page_size = 500).await;
+    for chunk in 0..EVENTS / 1000 {
+        let batch: Vec<String> = (0..1000)
+            .map(|i| format!("e{}", chunk * 1000 + i))
+            .collect();
+        s.append_batch("log", &batch).await;
+    }
+    s.complete("log").await;
+    let want: Vec<u64> = (1..=EVENTS + 1).collect();
+    let t = Duration::from_secs(60);
+
+    let before = reads(&s).await;
+    let mut one = s.watch("log", "", None).await;
+    assert_eq!(
+        one.collect(t).await.iter().map(seq_of).collect::<Vec<_>>(),
+        want
+    );
+    let alone = reads(&s).await - before;
+
+    let before = reads(&s).await;
+    // At once: all connect together (connected one by one, the first ones
+    // could finish before the last ones start, the whole log fitting in
+    // their socket buffers).
+    let mut watchers =
+        futures::future::join_all((0..WATCHERS).map(|_| s.watch("log", "", None))).await;
+    let all = futures::future::join_all(watchers.iter_mut().map(|w| w.collect(t))).await;
+    for events in all {
+        assert_eq!(events.iter().map(seq_of).collect::<Vec<_>>(), want);
+    }
+    let together = reads(&s).await - before;
+    println!("page reads: one watcher {alone}, {WATCHERS} watchers at once {together}");
+    assert!(
+        together <= 2 * alone,
+        "{WATCHERS} watchers read {together} pages, one alone {alone}"
+    );
+}
