@@ -97,6 +97,7 @@ struct Inner {
     memory_used: Gauge,
     memory_limit: Gauge,
     page_reads: Counter,
+    notify_queue: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -170,6 +171,12 @@ impl Metrics {
             "Connections answered 503/429 and closed at a connection limit, by limit",
             refused.clone(),
         );
+        let notify_queue = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "pg_notify_queue_usage_ratio",
+            "PostgreSQL's NOTIFY queue usage (pg_notification_queue_usage(), 0..1) as this node's listener last saw it",
+            notify_queue.clone(),
+        );
         let page_reads = Counter::default();
         registry.register(
             "store_page_reads",
@@ -217,6 +224,7 @@ impl Metrics {
                 memory_used,
                 memory_limit,
                 page_reads,
+                notify_queue,
             }),
         }
     }
@@ -297,6 +305,11 @@ impl Metrics {
     /// A watcher fell out of the ring and reads the store.
     pub fn slow_fallback(&self) {
         self.inner.slow_fallbacks.inc();
+    }
+
+    /// PostgreSQL's NOTIFY queue usage, 0..1.
+    pub fn notify_queue_usage(&self, usage: f64) {
+        self.inner.notify_queue.set(usage);
     }
 
     /// A page of events was read from the store.

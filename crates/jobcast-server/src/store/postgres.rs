@@ -16,11 +16,13 @@
 //! what it already has. When the listener connection is lost, every watched
 //! stream is re-synced from the store once it is back.
 
+use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use jobcast_protocol::{StreamState, END_EVENT};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
@@ -88,7 +90,13 @@ struct Inner {
     /// Completed by the writer task when it has stopped.
     done: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
     metrics: Metrics,
+    /// The NOTIFY queue's usage as the listener last saw it (f64 bits).
+    queue_usage: Arc<AtomicU64>,
 }
+
+/// NOTIFY queue usage (0..1) from which /readyz answers 503: past it every
+/// node's commits are close to failing.
+const NOTIFY_QUEUE_NOT_READY: f64 = 0.5;
 
 const META_COLUMNS: &str = "key, id, epoch, state, head, first_seq, created_at, updated_at";
 
@@ -156,12 +164,15 @@ impl PgStore {
             writer.run(rx).await;
             let _ = done_tx.send(());
         });
+        let queue_usage = Arc::new(AtomicU64::new(0f64.to_bits()));
         let listener = Listener {
             opts: opts.application_name(LISTENER_NAME),
             pool: pool.clone(),
             hub,
             page_size: config.page_size,
             connect_timeout: config.busy_timeout,
+            metrics: metrics.clone(),
+            queue_usage: queue_usage.clone(),
         };
         // Feeds this node's hub with what other nodes (and this one) commit.
         let stopped = stop.clone();
@@ -175,6 +186,7 @@ impl PgStore {
                 tasks,
                 done: tokio::sync::Mutex::new(Some(done_rx)),
                 metrics,
+                queue_usage,
             }),
         })
     }
@@ -215,6 +227,13 @@ impl PgStore {
     /// The pool and the writer task both answer.
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.inner.pool).await?;
+        // A NOTIFY queue near full makes every node's commits fail: not ready.
+        let usage = f64::from_bits(self.inner.queue_usage.load(Ordering::Relaxed));
+        if usage >= NOTIFY_QUEUE_NOT_READY {
+            return Err(StoreError::Unavailable(
+                format!("the PostgreSQL NOTIFY queue is {:.0}% full", usage * 100.0).into(),
+            ));
+        }
         super::writer::ping(&self.inner.tx, Cmd::Ping).await
     }
 
@@ -830,6 +849,88 @@ struct Listener {
     hub: Hub,
     page_size: u32,
     connect_timeout: Duration,
+    metrics: Metrics,
+    /// `pg_notification_queue_usage()` at the last check (f64 bits), for /readyz.
+    queue_usage: Arc<AtomicU64>,
+}
+
+/// Groups wake-ups by stream (in order of first appearance), keeping only
+/// watched streams; within a stream, a run of events of one epoch becomes one
+/// range and a creation or deletion stays in its place.
+fn coalesce<'a>(
+    payloads: impl Iterator<Item = &'a str>,
+    watched: impl Fn(&str) -> bool,
+) -> Vec<(String, Vec<Wake>)> {
+    let mut per: Vec<(String, Vec<Wake>)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for p in payloads {
+        let Some((stream, wake)) = Wake::parse(p) else {
+            continue;
+        };
+        if !watched(stream) {
+            continue;
+        }
+        let i = *index.entry(stream.to_owned()).or_insert_with(|| {
+            per.push((stream.to_owned(), Vec::new()));
+            per.len() - 1
+        });
+        let list = &mut per[i].1;
+        match (list.last_mut(), wake) {
+            (
+                Some(Wake::Events { epoch, first, last }),
+                Wake::Events {
+                    epoch: e,
+                    first: f,
+                    last: l,
+                },
+            ) if *epoch == e => {
+                *first = (*first).min(f);
+                *last = (*last).max(l);
+            }
+            (_, wake) => list.push(wake),
+        }
+    }
+    per
+}
+
+/// Most wake-ups handled as one batch.
+const WAKE_BATCH: usize = 1000;
+/// Streams whose wake-ups are read in parallel.
+const WAKE_STREAMS: usize = 8;
+
+/// A wake-up from the NOTIFY channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Wake {
+    /// Events `first..=last` of `epoch` were committed.
+    Events {
+        epoch: String,
+        first: u64,
+        last: u64,
+    },
+    /// The stream was created or deleted (or the payload was not understood).
+    Changed,
+}
+
+impl Wake {
+    /// `"{stream} {epoch} {first} {last}"` or `"{stream}"`.
+    fn parse(payload: &str) -> Option<(&str, Wake)> {
+        let mut parts = payload.split(' ');
+        let stream = parts.next().filter(|s| !s.is_empty())?;
+        let wake = match (parts.next(), parts.next(), parts.next()) {
+            (Some(epoch), Some(first), Some(last)) => {
+                match (first.parse::<u64>(), last.parse::<u64>()) {
+                    (Ok(first), Ok(last)) if first >= 1 && last >= first => Wake::Events {
+                        epoch: epoch.to_owned(),
+                        first,
+                        last,
+                    },
+                    _ => Wake::Changed,
+                }
+            }
+            _ => Wake::Changed,
+        };
+        Some((stream, wake))
+    }
 }
 
 impl Listener {
@@ -862,7 +963,20 @@ impl Listener {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     n = listener.try_recv() => match n {
-                        Ok(Some(n)) => self.wake(n.payload()).await,
+                        Ok(Some(n)) => {
+                            // Drain what is already buffered too, and handle it
+                            // as one batch: coalesced per stream, streams in
+                            // parallel, so a busy cluster never fills the
+                            // NOTIFY queue behind a slow node.
+                            let mut batch = vec![n.payload().to_owned()];
+                            while batch.len() < WAKE_BATCH {
+                                match listener.next_buffered() {
+                                    Some(n) => batch.push(n.payload().to_owned()),
+                                    None => break,
+                                }
+                            }
+                            self.wake_all(batch).await;
+                        }
                         Ok(None) => {
                             tracing::warn!("listener connection lost; reconnecting and re-syncing watched streams");
                             break;
@@ -873,10 +987,16 @@ impl Listener {
                         }
                     },
                     _ = ping.tick() => {
+                        // The link's check doubles as a look at the cluster's NOTIFY queue.
                         let alive = tokio::time::timeout(
                             self.connect_timeout,
-                            sqlx::query("SELECT 1").execute(&mut listener),
+                            sqlx::query_scalar::<_, f64>("SELECT pg_notification_queue_usage()")
+                                .fetch_one(&mut listener),
                         ).await;
+                        if let Ok(Ok(usage)) = alive {
+                            self.queue_usage.store(usage.to_bits(), Ordering::Relaxed);
+                            self.metrics.notify_queue_usage(usage);
+                        }
                         if !matches!(alive, Ok(Ok(_))) {
                             tracing::warn!("listener connection does not answer; reconnecting and re-syncing watched streams");
                             break;
@@ -897,23 +1017,27 @@ impl Listener {
         Ok(listener)
     }
 
-    /// Handles one wake-up: new events of a stream, or a creation/deletion.
-    async fn wake(&self, payload: &str) {
-        let mut parts = payload.split(' ');
-        let Some(stream) = parts.next() else {
-            return;
-        };
-        if !self.hub.is_watched(stream) {
-            return;
-        }
-        let (epoch, first, last) = match (parts.next(), parts.next(), parts.next()) {
-            (Some(epoch), Some(first), Some(last)) => {
-                match (first.parse::<u64>(), last.parse::<u64>()) {
-                    (Ok(f), Ok(l)) if f >= 1 && l >= f => (epoch, f, l),
-                    _ => return self.hub.changed(stream),
+    /// Handles a batch of wake-ups: those of one stream coalesced (runs of
+    /// events of one epoch become one range; a creation or deletion stays
+    /// in its place), streams handled in parallel, a few at a time.
+    async fn wake_all(&self, payloads: Vec<String>) {
+        let per = coalesce(payloads.iter().map(String::as_str), |s| {
+            self.hub.is_watched(s)
+        });
+        futures::stream::iter(per)
+            .for_each_concurrent(WAKE_STREAMS, |(stream, wakes)| async move {
+                for wake in wakes {
+                    self.wake(&stream, wake).await;
                 }
-            }
-            _ => return self.hub.changed(stream),
+            })
+            .await;
+    }
+
+    /// Handles one (coalesced) wake-up of a watched stream.
+    async fn wake(&self, stream: &str, wake: Wake) {
+        let (epoch, first, last) = match &wake {
+            Wake::Events { epoch, first, last } => (epoch.as_str(), *first, *last),
+            Wake::Changed => return self.hub.changed(stream),
         };
         let mut after = match self.hub.ring_head(stream) {
             Some((e, head)) if &*e == epoch => {
@@ -953,6 +1077,42 @@ impl Listener {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod wake_tests {
+    use super::*;
+
+    #[test]
+    fn wakeups_are_coalesced_per_stream_in_order() {
+        let payloads = [
+            "a e1 1 2",
+            "b e9 5 5",
+            "a e1 3 3",
+            "a e1 4 6",
+            "x e2 1 1",
+            "a",
+            "a e2 1 1",
+            "b e9 6 9",
+            "a e2 garbage 1",
+        ];
+        let per = coalesce(payloads.into_iter(), |s| s != "x");
+        let ev = |e: &str, first, last| Wake::Events {
+            epoch: e.into(),
+            first,
+            last,
+        };
+        assert_eq!(
+            per,
+            vec![
+                (
+                    "a".to_owned(),
+                    vec![ev("e1", 1, 6), Wake::Changed, ev("e2", 1, 1), Wake::Changed]
+                ),
+                ("b".to_owned(), vec![ev("e9", 5, 9)]),
+            ]
+        );
     }
 }
 
