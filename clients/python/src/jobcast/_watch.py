@@ -467,6 +467,9 @@ class Watch:
 
     def __iter__(self) -> Iterator[Item]:
         self._claim()
+        return self._iter()
+
+    def _iter(self) -> Iterator[Item]:
         own = self._http is None
         http = self._http if isinstance(self._http, httpx.Client) else None
         if http is None:
