@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import List
+from typing import Any, List
 
 import httpx
 import pytest
@@ -15,7 +15,7 @@ from support import Server, until
 import jobcast
 from jobcast import End, Event, JobcastError, Reset
 
-FAST = dict(backoff_base=0.05, backoff_max=0.5, random=lambda: 0.5)
+FAST: Any = dict(backoff_base=0.05, backoff_max=0.5, random=lambda: 0.5)
 
 
 def test_exactly_once_across_a_kill_9_restart_mid_stream() -> None:
