@@ -187,3 +187,26 @@ def test_unknown_stream_waits_then_stops_and_bad_input_raises(server: Server) ->
         w = jobcast.watch(server.url, "x")
         iter(w)
         iter(w)
+
+
+def test_the_first_byte_timeout_does_not_apply_to_an_idle_stream(server: Server) -> None:
+    """A 0.3 s first-byte timeout covers the response headers only; between
+    heartbeats (1 s here) reads wait up to read_timeout."""
+    stream = "idle"
+    server.publish_range(stream, 1, 1)
+    w = jobcast.watch(server.url, stream, first_byte_timeout=0.3, read_timeout=5, **FAST)
+    seqs: List[int] = []
+
+    def run() -> None:
+        for item in w:
+            if isinstance(item, Event):
+                seqs.append(item.seq)
+
+    t = threading.Thread(target=run)
+    t.start()
+    until(lambda: seqs == [1], 5, "the first event")
+    time.sleep(2.5)
+    server.publish_range(stream, 2, 2)
+    server.complete(stream)
+    t.join(10)
+    assert seqs == [1, 2] and w.reconnects == 0 and w.transport == "sse"

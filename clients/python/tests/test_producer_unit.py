@@ -281,3 +281,26 @@ def test_batcher_failure_is_raised_and_counted(sleeps: List[float]) -> None:
     assert b.lost == 1
     with pytest.raises(JobcastError):
         b.close()
+
+
+def test_a_lost_batch_fails_the_stream_on_exit(sleeps: List[float]) -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        if isinstance(json.loads(request.content or b"null"), list):
+            return status(400, err="event_too_large")(request)
+        return ok()(request)
+
+    fake = Fake(answer)
+    with pytest.raises(JobcastError) as e:
+        with jobcast.Stream(client(fake), "s") as s:
+            with s.batcher(max_delay=0) as b:
+                b.append("x")
+                b.flush()
+    assert e.value.code == "event_too_large"
+    assert s.ended and fake.requests[-1].url.path.endswith("/fail")
+    assert [r.url.path for r in fake.requests].count("/v1/streams/s/fail") == 1
+    fake = Fake(answer)
+    with pytest.raises(JobcastError):
+        with jobcast.Stream(client(fake), "s") as s:
+            s.batcher(max_delay=10).append("x")  # sent (and refused) at exit
+    assert fake.requests[-1].url.path.endswith("/fail")
+    assert fake.bodies()[-1] == {"error": "event_too_large (400): m"}

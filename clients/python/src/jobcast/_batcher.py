@@ -148,6 +148,7 @@ class Batcher(_Common):
             self._cond.notify_all()
         if self._thread is not threading.current_thread():
             self._thread.join()
+        self._stream._forget(self)
         if self._error is not None:
             raise self._error
 
@@ -248,6 +249,7 @@ class AsyncBatcher(_Common):
             assert self._task is not None
             await self._task
         self._closing = True
+        self._stream._forget(self)
         if self._error is not None:
             raise self._error
 

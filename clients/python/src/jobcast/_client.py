@@ -515,6 +515,12 @@ class _StreamBase:
     def _set_cancel_event(self) -> None:
         raise NotImplementedError
 
+    def _forget(self, batcher: object) -> None:
+        """A batcher closed by itself: the stream need not close it again."""
+        bs: List[Any] = getattr(self, "_batchers", [])
+        if batcher in bs:
+            bs.remove(batcher)
+
     def _noted_error(self, e: JobcastError) -> None:
         if e.code == "stream_ended":
             self.ended = True
@@ -663,7 +669,17 @@ class Stream(_StreamBase):
         try:
             if e is None:
                 if not self.ended:
-                    self.complete()
+                    try:
+                        self.complete()
+                    except BaseException as ce:
+                        # E.g. a batcher lost events: the block is over, so the
+                        # stream ends, as failed, and the error propagates.
+                        if not self.ended:
+                            try:
+                                self.fail(_message(ce))
+                            except Exception as fe:
+                                _log.warning("jobcast: failing stream %s after %r: %s", self.id, ce, fe)
+                        raise
             elif not self.ended:
                 try:
                     self.fail(_message(e))
@@ -811,7 +827,17 @@ class AsyncStream(_StreamBase):
         try:
             if e is None:
                 if not self.ended:
-                    await self.complete()
+                    try:
+                        await self.complete()
+                    except BaseException as ce:
+                        # E.g. a batcher lost events: the block is over, so the
+                        # stream ends, as failed, and the error propagates.
+                        if not self.ended:
+                            try:
+                                await self.fail(_message(ce))
+                            except Exception as fe:
+                                _log.warning("jobcast: failing stream %s after %r: %s", self.id, ce, fe)
+                        raise
             elif not self.ended:
                 try:
                     await self.fail(_message(e))

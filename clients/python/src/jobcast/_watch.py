@@ -662,14 +662,69 @@ async def _aread_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
     return b"".join(parts)[:limit]
 
 
-def watch(url: str, stream: str, *, from_: str = "start", token: TokenSource = None, **options: Any) -> Watch:
+def watch(
+    url: str,
+    stream: str,
+    *,
+    from_: str = "start",
+    token: TokenSource = None,
+    headers: Optional[Mapping[str, str]] = None,
+    transport: str = "auto",
+    fallback_after: int = 2,
+    first_byte_timeout: float = 10.0,
+    read_timeout: float = 45.0,
+    connect_timeout: float = 10.0,
+    poll_wait: int = 25,
+    poll_limit: int = 1000,
+    give_up_after: float = 300.0,
+    healthy_after: float = 5.0,
+    backoff_base: float = 1.0,
+    backoff_max: float = 30.0,
+    random: Callable[[], float] = _random.random,
+    http: Union[httpx.Client, httpx.AsyncClient, None] = None,
+) -> Watch:
     """Watches `stream` on the server at `url`: iterate the result with `for`
-    (sync, httpx.Client) or `async for` (asyncio, httpx.AsyncClient).
+    (sync, on httpx.Client) or `async for` (asyncio, on httpx.AsyncClient).
+    Every event once, in order, across reconnects; `Reset` items when the
+    server could not resume where asked; the `End` last. A watch that stops
+    for another reason raises `JobcastError`.
 
-    `from_`: `start` (the whole log, default), `live` (only events after now;
-    the head is looked up first, so a reconnect before the first event misses
-    nothing), or the id of the last event already had. `token`: a string, or a
-    function (a coroutine function in an async watch) asked on every
-    connection: with one, `token_expired` reconnects with a fresh token.
-    Other options: see `Watch`."""
-    return Watch(url, stream, from_=from_, token=token, **options)
+    - `from_`: `start` (the whole log), `live` (only events after now; the
+      head is looked up first, so a reconnect before the first event misses
+      nothing), or the id of the last event already had (`w.last_event_id`).
+    - `token`: a string, or a function (a coroutine function in an async
+      watch) asked on every connection: with one, `token_expired` reconnects
+      with a fresh token; with a string it stops the watch.
+    - `headers`: extra request headers.
+    - `transport`: `auto` (SSE, then JSON long-poll after `fallback_after` SSE
+      failures in a row that point at the path: no response headers within
+      `first_byte_timeout` s, a 5xx, a 200 that closed without a byte), or
+      `sse` / `poll` to force one. Long-poll asks `wait=poll_wait` seconds and
+      up to `poll_limit` events a page.
+    - `read_timeout`: no byte for this long (heartbeats come every 15 s) is a dead connection.
+    - `give_up_after`: stop (`gave_up`) after this long without a healthy
+      connection; one that delivered an event or stayed open `healthy_after`
+      s resets the backoff (`backoff_base` → `backoff_max`, full jitter; the
+      server's `retry:`, `retry_after_ms` and `Retry-After` are floors).
+    - `random`: the jitter's source; `http`: your own httpx client (proxies, TLS).
+    """
+    return Watch(
+        url,
+        stream,
+        from_=from_,
+        token=token,
+        headers=headers,
+        transport=transport,
+        fallback_after=fallback_after,
+        first_byte_timeout=first_byte_timeout,
+        read_timeout=read_timeout,
+        connect_timeout=connect_timeout,
+        poll_wait=poll_wait,
+        poll_limit=poll_limit,
+        give_up_after=give_up_after,
+        healthy_after=healthy_after,
+        backoff_base=backoff_base,
+        backoff_max=backoff_max,
+        random=random,
+        http=http,
+    )
