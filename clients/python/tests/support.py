@@ -140,6 +140,13 @@ class Server:
         raise AssertionError("log_of: too many pages")
 
 
+def _close_head(head: bytes) -> bytes:
+    """A response head with `Connection: close` instead of any keep-alive."""
+    lines = head.decode("latin-1").split("\r\n")
+    kept = [ln for ln in lines if ln and not ln.lower().startswith(("connection:", "keep-alive:"))]
+    return ("\r\n".join([*kept, "Connection: close", "", ""])).encode("latin-1")
+
+
 class Proxy:
     """An HTTP/1.1 proxy in front of `upstream` (one request per connection,
     `Connection: close`), on its own thread and event loop. `mode`:
@@ -157,7 +164,7 @@ class Proxy:
         self.drops = drops
         self.seen: Dict[str, int] = {"sse": 0, "json": 0, "dropped": 0}
         self.port = 0
-        self._loop = asyncio.new_event_loop()
+        self._loop: asyncio.AbstractEventLoop
         self._ready = threading.Event()
         self._server: Optional[asyncio.AbstractServer] = None
         self._thread = threading.Thread(target=self._main, daemon=True)
@@ -167,6 +174,7 @@ class Proxy:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def _main(self) -> None:
+        self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self._loop)
         self._loop.run_until_complete(self._start())
         self._ready.set()
@@ -209,9 +217,15 @@ class Proxy:
                 if drop:
                     self.seen["dropped"] += 1
                     return
-                cw.write(reading.result())
+                answer = reading.result()
+                end = answer.find(b"\r\n\r\n")
+                if end >= 0:
+                    answer = _close_head(answer[: end + 4]) + answer[end + 4 :]
+                cw.write(answer)
                 await cw.drain()
                 return
+            # The client must not reuse this connection: one request per connection.
+            cw.write(_close_head(await ur.readuntil(b"\r\n\r\n")))
             while True:
                 chunk = await ur.read(65536)
                 if not chunk:

@@ -3,6 +3,7 @@ the long-poll fallback behind a proxy that buffers SSE."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional
@@ -33,11 +34,20 @@ def auth_server() -> Iterator[Server]:
         s.dispose()
 
 
-def collect(w: jobcast.Watch, items: List[Any], errors: List[BaseException]) -> threading.Thread:
+def collect(w: jobcast.Watch, items: List[Any], errors: List[BaseException], mode: str = "sync") -> threading.Thread:
+    """Runs the watch on a thread: `for` (sync) or `async for` in its own event loop."""
+
+    async def arun() -> None:
+        async for item in w:
+            items.append(item)
+
     def run() -> None:
         try:
-            for item in w:
-                items.append(item)
+            if mode == "sync":
+                for item in w:
+                    items.append(item)
+            else:
+                asyncio.run(arun())
         except BaseException as e:
             errors.append(e)
 
@@ -46,11 +56,13 @@ def collect(w: jobcast.Watch, items: List[Any], errors: List[BaseException]) -> 
     return t
 
 
-def test_token_expiry_and_refresh(auth_server: Server) -> None:
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_token_expiry_and_refresh(auth_server: Server, mode: str) -> None:
     """Each connection gets a token valid for ~2 s; the server closes the
     stream with `token_expired` (refresh: true) and the watch reconnects with
-    a fresh one, resuming where it was: every event once."""
-    stream = "auth-refresh"
+    a fresh one, resuming where it was: every event once. The async watch
+    takes a coroutine function."""
+    stream = f"auth-refresh-{mode}"
     admin = jobcast.Client(auth_server.url, token=token(3600), **FAST)
     minted: List[str] = []
 
@@ -58,10 +70,14 @@ def test_token_expiry_and_refresh(auth_server: Server) -> None:
         minted.append(token(2, {"subscribe": [stream]}))
         return minted[-1]
 
+    async def afresh() -> str:
+        await asyncio.sleep(0)
+        return fresh()
+
     items: List[Any] = []
     errors: List[BaseException] = []
-    w = jobcast.watch(auth_server.url, stream, token=fresh, **FAST)
-    t = collect(w, items, errors)
+    w = jobcast.watch(auth_server.url, stream, token=fresh if mode == "sync" else afresh, **FAST)
+    t = collect(w, items, errors, mode)
     for i in range(1, 46):
         admin.append(stream, {"n": i})
         time.sleep(0.1)
@@ -96,15 +112,16 @@ def test_an_expired_fixed_token_stops_and_401_is_not_retried(auth_server: Server
     admin.close()
 
 
-def test_long_poll_fallback_behind_a_proxy_that_buffers_sse(server: Server) -> None:
-    stream = "fallback-buffer"
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_long_poll_fallback_behind_a_proxy_that_buffers_sse(server: Server, mode: str) -> None:
+    stream = f"fallback-buffer-{mode}"
     proxy = Proxy(server.url, "buffer")
     try:
         server.publish_range(stream, 1, 3)
         items: List[Any] = []
         errors: List[BaseException] = []
         w = jobcast.watch(proxy.url, stream, first_byte_timeout=0.3, fallback_after=2, poll_wait=1, **FAST)
-        t = collect(w, items, errors)
+        t = collect(w, items, errors, mode)
         until(lambda: len(items) == 3, 15, "events 1..3 through long-poll")
         server.publish_range(stream, 4, 6)
         until(lambda: len(items) == 6, 15, "events 4..6 through long-poll")
