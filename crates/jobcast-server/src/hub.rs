@@ -145,14 +145,18 @@ pub struct Entry {
 /// creation and seq, so a page stays valid for its epoch.
 #[derive(Debug, Default)]
 struct Catchup {
-    batches: VecDeque<Arc<Batch>>,
+    /// In seq order, each with when it was last used (for eviction).
+    batches: VecDeque<(Arc<Batch>, u64)>,
     bytes: usize,
+    /// Counts uses; a page's stamp is the count at its last use.
+    clock: u64,
     /// `bytes`, held in the server's memory budget.
     permit: Option<crate::budget::Permit>,
 }
 
-/// Most bytes of store pages kept per stream for catching-up watchers.
-const CATCHUP_BYTES: usize = 4 << 20;
+/// Most bytes of store pages kept per stream for catching-up watchers; the
+/// least recently used go first.
+const CATCHUP_BYTES: usize = 16 << 20;
 
 #[derive(Debug)]
 struct Inner {
@@ -423,15 +427,21 @@ impl Subscription {
         &self,
         epoch: &str,
         after: u64,
-        take: impl FnOnce(std::collections::vec_deque::Iter<'_, Arc<Batch>>) -> R,
+        take: impl FnOnce(&mut dyn Iterator<Item = &Arc<Batch>>) -> R,
     ) -> Option<R> {
-        let cache = lock(&self.entry.catchup);
+        let mut cache = lock(&self.entry.catchup);
         let want = after.checked_add(1)?;
         let i = cache
             .batches
             .iter()
-            .position(|b| &*b.epoch == epoch && b.first_seq <= want && want <= b.last_seq)?;
-        Some(take(cache.batches.range(i..)))
+            .position(|(b, _)| &*b.epoch == epoch && b.first_seq <= want && want <= b.last_seq)?;
+        cache.clock += 1;
+        let now = cache.clock;
+        // This page and the next are in use.
+        for (_, used) in cache.batches.range_mut(i..).take(2) {
+            *used = now;
+        }
+        Some(take(&mut cache.batches.range(i..).map(|(b, _)| b)))
     }
 
     /// Whether other watchers share this stream on this node (a page read
@@ -447,24 +457,40 @@ impl Subscription {
             return;
         }
         let mut cache = lock(&self.entry.catchup);
-        if cache.batches.iter().any(|b| {
+        if cache.batches.iter().any(|(b, _)| {
             b.epoch == batch.epoch && b.first_seq <= batch.first_seq && batch.last_seq <= b.last_seq
         }) {
             return;
         }
         // A new creation's pages replace the old one's.
-        if cache.batches.front().is_some_and(|b| b.key != batch.key) {
+        if cache
+            .batches
+            .front()
+            .is_some_and(|(b, _)| b.key != batch.key)
+        {
             cache.batches.clear();
             cache.bytes = 0;
         }
         cache.bytes += batch.bytes.len();
+        cache.clock += 1;
+        let now = cache.clock;
         // Kept in seq order, so a watcher can go from one page into the next.
         let at = cache
             .batches
-            .partition_point(|b| b.first_seq <= batch.first_seq);
-        cache.batches.insert(at, batch);
+            .partition_point(|(b, _)| b.first_seq <= batch.first_seq);
+        cache.batches.insert(at, (batch, now));
         while cache.bytes > CATCHUP_BYTES && cache.batches.len() > 1 {
-            if let Some(old) = cache.batches.pop_front() {
+            // The least recently used page goes.
+            let Some(oldest) = cache
+                .batches
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(i, _)| i)
+            else {
+                break;
+            };
+            if let Some((old, _)) = cache.batches.remove(oldest) {
                 cache.bytes -= old.bytes.len();
             }
         }

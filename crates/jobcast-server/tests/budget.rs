@@ -42,10 +42,20 @@ async fn stalled_watchers_are_bounded_by_the_memory_budget() {
     for _ in 0..30 {
         s.append("big", &big).await;
     }
+    // Streams of their own for most of the stalled watchers (watchers of
+    // one stream share its catch-up pages, so they cost little more than one).
+    for i in 0..30 {
+        for _ in 0..3 {
+            s.append(&format!("big{i}"), &big).await;
+        }
+    }
     let addr: std::net::SocketAddr = s.url.trim_start_matches("http://").parse().unwrap();
     let mut socks = Vec::new();
-    for _ in 0..40 {
+    for _ in 0..10 {
         socks.push(stalled(addr, "big").await);
+    }
+    for i in 0..30 {
+        socks.push(stalled(addr, &format!("big{i}")).await);
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (_, metrics) = s.get_json("/metrics").await;

@@ -14,7 +14,6 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::{ApiError, AppState, VARY};
-use crate::budget::Permit;
 use crate::hub::{Batch, Subscription};
 use crate::limits::{WatcherCap, WatcherSlot};
 use crate::store::PAGE_BYTES;
@@ -36,17 +35,22 @@ impl From<Failure> for ApiError {
     }
 }
 
-/// Carries out one store read for `w` (`permit`: the budget taken for a
-/// replay page, which then rides with the frame it becomes); the machine's
-/// next step.
+/// No room in the memory budget for another replay page.
+#[derive(Debug)]
+struct NoRoom;
+
+/// Carries out one store read for `w`; the machine's next step. With
+/// `account`, a page read from the store takes its bytes from the memory
+/// budget first (they ride with the frame it becomes), or fails with
+/// [`NoRoom`]; pages served from the stream's shared catch-up need none.
 async fn read_once(
     state: &AppState,
     stream: &str,
     w: &mut Watch,
     sub: &Subscription,
     step: Step,
-    permit: Option<Permit>,
-) -> Step {
+    account: bool,
+) -> Result<Step, NoRoom> {
     let next = match step {
         Step::ReadMeta => {
             // Boxed: the store calls' futures are large and needed only
@@ -55,14 +59,14 @@ async fn read_once(
             w.on_meta(clock(), sub, r)
         }
         step @ Step::ReadPage { .. } => {
-            Box::pin(replay_page(state, stream, w, sub, step, permit)).await
+            Box::pin(replay_page(state, stream, w, sub, step, account)).await?
         }
         other => other,
     };
     if let Some(outcome) = w.take_outcome() {
         state.metrics.resume(outcome);
     }
-    next
+    Ok(next)
 }
 
 /// A store page for `w`, one read per stream at a time: after waiting for
@@ -75,34 +79,38 @@ async fn replay_page(
     w: &mut Watch,
     sub: &Subscription,
     step: Step,
-    permit: Option<Permit>,
-) -> Step {
+    account: bool,
+) -> Result<Step, NoRoom> {
     if !sub.shared() {
         let Step::ReadPage { after, limit, gap } = step else {
-            return step;
+            return Ok(step);
         };
-        return read_page(state, stream, w, sub, (after, limit, gap), permit).await;
+        return read_page(state, stream, w, sub, (after, limit, gap), account).await;
     }
     let entry = sub.entry();
     let _flight = entry.read_lock().await;
     match w.next(clock(), sub) {
         Step::ReadPage { after, limit, gap } => {
-            read_page(state, stream, w, sub, (after, limit, gap), permit).await
+            read_page(state, stream, w, sub, (after, limit, gap), account).await
         }
-        other => other,
+        other => Ok(other),
     }
 }
 
-/// Reads one page after `after` and hands it to `w`; the frame it becomes
-/// carries `permit`. Kept for the stream's other watchers when it has some.
+/// Reads one page after `after` and hands it to `w` (see [`read_once`] for
+/// `account`). Kept for the stream's other watchers when it has some.
 async fn read_page(
     state: &AppState,
     stream: &str,
     w: &mut Watch,
     sub: &Subscription,
     (after, limit, gap): (u64, u32, bool),
-    permit: Option<Permit>,
-) -> Step {
+    account: bool,
+) -> Result<Step, NoRoom> {
+    let permit = match account {
+        true => Some(state.budget.try_take(page_reserve(state)).ok_or(NoRoom)?),
+        false => None,
+    };
     if gap {
         state.metrics.slow_fallback();
     }
@@ -121,7 +129,7 @@ async fn read_page(
             sub.cache_page(std::sync::Arc::new(batch));
         }
     }
-    match (w.on_page(clock(), sub, r), permit) {
+    Ok(match (w.on_page(clock(), sub, r), permit) {
         (
             Step::Send(
                 bytes,
@@ -132,7 +140,7 @@ async fn read_page(
             Some(p),
         ) => Step::Send(p.attach(bytes), sent),
         (other, _) => other,
-    }
+    })
 }
 
 /// Carries out store reads for `w` until it asks for something else (a
@@ -145,7 +153,12 @@ pub(super) async fn run_reads(
     mut step: Step,
 ) -> Step {
     while let Step::ReadMeta | Step::ReadPage { .. } = step {
-        step = read_once(state, stream, w, sub, step, None).await;
+        // Unaccounted, so never refused for room.
+        step = match read_once(state, stream, w, sub, step, false).await {
+            Ok(next) => next,
+            // Not taken when unaccounted; answered as a busy store if it were.
+            Err(NoRoom) => return Step::Fail(Failure::Store(crate::store::StoreError::Closed)),
+        };
     }
     step
 }
@@ -244,18 +257,10 @@ pub(super) async fn watch(
     let mut first = w.next(clock(), &sub);
     // The first store answers decide the status line. A new replay while the
     // memory budget is used up is refused; running ones wait for room.
-    loop {
-        let permit = match first {
-            Step::ReadMeta => None,
-            Step::ReadPage { .. } => Some(
-                state
-                    .budget
-                    .try_take(page_reserve(&state))
-                    .ok_or_else(over_budget)?,
-            ),
-            _ => break,
-        };
-        first = read_once(&state, &stream, &mut w, &sub, first, permit).await;
+    while let Step::ReadMeta | Step::ReadPage { .. } = first {
+        first = read_once(&state, &stream, &mut w, &sub, first, true)
+            .await
+            .map_err(|NoRoom| over_budget())?;
     }
     let first = match first {
         Step::NoContent => {
@@ -363,37 +368,34 @@ impl Watcher {
                     self.done = true;
                     return last;
                 }
-                Step::ReadMeta => {
-                    let next = Box::pin(read_once(
-                        &self.state,
-                        &self.stream,
-                        &mut self.w,
-                        &self.sub,
-                        Step::ReadMeta,
-                        None,
-                    ))
-                    .await;
-                    self.pending = Some(next);
-                }
-                step @ Step::ReadPage { .. } => {
-                    let Some(permit) = self.state.budget.try_take(page_reserve(&self.state)) else {
-                        // No room for another page: wait for some (heartbeats go on).
-                        self.pending = Some(step);
-                        if let Some(beat) = self.wait_for_budget().await {
-                            return Some(beat);
-                        }
-                        continue;
+                step @ (Step::ReadMeta | Step::ReadPage { .. }) => {
+                    let retry = match &step {
+                        Step::ReadPage { after, limit, gap } => Some(Step::ReadPage {
+                            after: *after,
+                            limit: *limit,
+                            gap: *gap,
+                        }),
+                        _ => None,
                     };
-                    let next = Box::pin(read_once(
+                    let read = Box::pin(read_once(
                         &self.state,
                         &self.stream,
                         &mut self.w,
                         &self.sub,
                         step,
-                        Some(permit),
+                        true,
                     ))
                     .await;
-                    self.pending = Some(next);
+                    match read {
+                        Ok(next) => self.pending = Some(next),
+                        Err(NoRoom) => {
+                            // No room for another page: wait for some (heartbeats go on).
+                            self.pending = retry;
+                            if let Some(beat) = self.wait_for_budget().await {
+                                return Some(beat);
+                            }
+                        }
+                    }
                 }
                 Step::Wait { .. } => self.wait().await,
                 // Only before the response (handled in `watch`).
