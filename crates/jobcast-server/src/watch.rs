@@ -659,6 +659,21 @@ impl Watch {
         Step::Wait { until: wake }
     }
 
+    /// Writes log events; after `jobcast.end` (`ended`) the watch is done.
+    fn deliver(&mut self, now: Instant, frame: Frame, from_store: bool, ended: bool) -> Step {
+        let sent = Sent::Events {
+            count: frame.last_seq + 1 - frame.first_seq,
+            from_store,
+            // Publish-to-write is timed for live (ring) frames only.
+            published: if from_store { None } else { frame.published },
+        };
+        if ended {
+            self.phase = Phase::Done;
+            self.close_reason = CloseReason::End;
+        }
+        self.send(now, frame.bytes, sent)
+    }
+
     fn send(&mut self, now: Instant, bytes: Bytes, sent: Sent) -> Step {
         self.heartbeat_at = now + self.settings.heartbeat;
         Step::Send(bytes, sent)
@@ -738,30 +753,10 @@ impl Watch {
         .flatten();
         let ended = cursor.ended;
         if let Some(frame) = cached {
-            let sent = Sent::Events {
-                count: frame.last_seq + 1 - frame.first_seq,
-                from_store: true,
-                published: None,
-            };
-            if ended {
-                self.phase = Phase::Done;
-                self.close_reason = CloseReason::End;
-            }
-            return self.send(now, frame.bytes, sent);
+            return self.deliver(now, frame, true, ended);
         }
         match ring {
-            Ok(Some(frame)) => {
-                let sent = Sent::Events {
-                    count: frame.last_seq + 1 - frame.first_seq,
-                    from_store: false,
-                    published: frame.published,
-                };
-                if ended {
-                    self.phase = Phase::Done;
-                    self.close_reason = CloseReason::End;
-                }
-                self.send(now, frame.bytes, sent)
-            }
+            Ok(Some(frame)) => self.deliver(now, frame, false, ended),
             // Created, deleted, replaced or re-synced: the store says which.
             _ if changed => self.ask(sub, read(false)),
             // A hole in the ring (the watcher fell behind it, or a batch
@@ -789,16 +784,8 @@ impl Watch {
         };
         match cursor.take_page(&page.meta, &page.events) {
             PageStep::Write(frame) => {
-                let sent = Sent::Events {
-                    count: frame.last_seq + 1 - frame.first_seq,
-                    from_store: true,
-                    published: None,
-                };
-                if cursor.ended {
-                    self.phase = Phase::Done;
-                    self.close_reason = CloseReason::End;
-                }
-                self.send(now, frame.bytes, sent)
+                let ended = cursor.ended;
+                self.deliver(now, frame, true, ended)
             }
             PageStep::Nothing => {
                 // The store has nothing newer: believe it, and wait for the ring.
