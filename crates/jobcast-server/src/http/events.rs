@@ -12,7 +12,7 @@ use jobcast_protocol::{EventId, ResetPayload};
 use tokio::time::Instant;
 
 use super::input::{self, Limits};
-use super::sse::{clock, run_reads};
+use super::sse::{clock, failure, run_reads};
 use super::streams::{refusal, replayed, unexpected};
 use super::{
     json_response, param, params, sse, stream_id, to_json, wants_sse, ApiError, AppState, Params,
@@ -20,7 +20,7 @@ use super::{
 };
 use crate::auth::Grant;
 use crate::store::{append_response_body, WriteOp, WriteOutcome, WriteRequest};
-use crate::watch::{Failure, Mode, PageAnswer, Resume, Settings, Step, Watch};
+use crate::watch::{Mode, PageAnswer, Resume, Settings, Step, Watch};
 
 /// `POST /v1/streams/{id}/events`: one event or a batch; 201 `{"first_id","last_id","count"}`.
 pub(super) async fn append(
@@ -168,8 +168,7 @@ async fn page(
     loop {
         step = match run_reads(&state, id, &mut w, &sub, step).await {
             Step::Respond(answer) => return Ok(page_response(&answer)),
-            Step::Fail(Failure::NotFound) => return Err(ApiError::stream_not_found(id)),
-            Step::Fail(f) => return Err(f.into()),
+            Step::Fail(f) => return Err(failure(f, id)),
             Step::Wait { .. } => {
                 // Register, ask once more, then sleep until a wake-up or the deadline.
                 let notified = sub.notified();

@@ -24,14 +24,12 @@ pub(super) fn clock() -> std::time::Instant {
     Instant::now().into_std()
 }
 
-impl From<Failure> for ApiError {
-    fn from(f: Failure) -> Self {
-        match f {
-            Failure::Store(e) => e.into(),
-            Failure::ShuttingDown => crate::store::StoreError::Closed.into(),
-            // The stream id is filled in by the caller (see `http::events`).
-            Failure::NotFound => ApiError::stream_not_found(""),
-        }
+/// The HTTP error for a watch of `stream` that could not answer.
+pub(super) fn failure(f: Failure, stream: &str) -> ApiError {
+    match f {
+        Failure::Store(e) => e.into(),
+        Failure::ShuttingDown => crate::store::StoreError::Closed.into(),
+        Failure::NotFound => ApiError::stream_not_found(stream),
     }
 }
 
@@ -268,8 +266,7 @@ pub(super) async fn watch(
             set_headers(&mut res, false);
             return Ok(res);
         }
-        Step::Fail(Failure::NotFound) => return Err(ApiError::stream_not_found(&stream)),
-        Step::Fail(f) => return Err(f.into()),
+        Step::Fail(f) => return Err(failure(f, &stream)),
         other => other,
     };
     let mut head = Vec::with_capacity(16);
