@@ -7,9 +7,9 @@
 //! trait trips `async_fn_in_trait`); the types here hold no backend-specific
 //! types, so PostgreSQL fits behind the same surface.
 
+mod group;
 mod postgres;
 mod sqlite;
-mod writer;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
