@@ -1003,6 +1003,8 @@ mod tests {
             first_seq: 1,
             created_at: 0,
             updated_at: 0,
+            labels: Default::default(),
+            cancel_requested: false,
         }
     }
 

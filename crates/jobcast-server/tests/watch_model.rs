@@ -59,6 +59,8 @@ impl Creation {
             first_seq: self.first_seq,
             created_at: 0,
             updated_at: 0,
+            labels: Default::default(),
+            cancel_requested: false,
         }
     }
 }

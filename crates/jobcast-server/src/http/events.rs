@@ -49,11 +49,12 @@ pub(super) async fn append(
             epoch,
             first_seq,
             last_seq,
+            cancel_requested,
         } => {
             state.metrics.appended(count, started.elapsed());
             Ok(json_response(
                 StatusCode::CREATED,
-                append_response_body(&epoch, first_seq, last_seq),
+                append_response_body(&epoch, first_seq, last_seq, cancel_requested),
             ))
         }
         WriteOutcome::Replayed { status, body } => Ok(replayed(status, body)),
