@@ -363,7 +363,8 @@ type Answer = Result<http::Response<axum::body::Body>, std::convert::Infallible>
 impl hyper::service::Service<http::Request<hyper::body::Incoming>> for ConnService {
     type Response = http::Response<axum::body::Body>;
     type Error = std::convert::Infallible;
-    type Future = futures::future::Map<axum::routing::future::RouteFuture<Self::Error>, fn(Answer) -> Answer>;
+    type Future =
+        futures::future::Map<axum::routing::future::RouteFuture<Self::Error>, fn(Answer) -> Answer>;
 
     fn call(&self, mut req: http::Request<hyper::body::Incoming>) -> Self::Future {
         use futures::FutureExt;

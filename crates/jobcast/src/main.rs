@@ -214,10 +214,20 @@ struct ServeArgs {
     allowed_host: Vec<String>,
     /// Serve TLS with this PEM certificate chain (leaf first); HTTP/2 and
     /// HTTP/1.1 by ALPN. Reloaded with the key on SIGHUP.
-    #[arg(long, env = "JOBCAST_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    #[arg(
+        long,
+        env = "JOBCAST_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
     tls_cert: Option<std::path::PathBuf>,
     /// The PEM private key of --tls-cert.
-    #[arg(long, env = "JOBCAST_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    #[arg(
+        long,
+        env = "JOBCAST_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
     tls_key: Option<std::path::PathBuf>,
     /// Serve without authentication on a non-loopback address (anyone who
     /// can reach it may publish, delete and watch every stream).
@@ -417,20 +427,23 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 fn reload_on_sighup(tls: jobcast_server::tls::Tls) {
     #[cfg(unix)]
     {
-        let mut hup =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGHUP: no certificate reloads");
-                    return;
-                }
-            };
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP: no certificate reloads");
+                return;
+            }
+        };
         // Lives as long as the process: one wait per SIGHUP.
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 match tls.reload() {
-                    Ok(()) => tracing::info!(cert = %tls.files().cert.display(), "TLS certificate reloaded"),
-                    Err(e) => tracing::error!(error = %e, "TLS certificate reload failed; the previous one stays in use"),
+                    Ok(()) => {
+                        tracing::info!(cert = %tls.files().cert.display(), "TLS certificate reloaded")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "TLS certificate reload failed; the previous one stays in use")
+                    }
                 }
             }
         });
