@@ -379,6 +379,40 @@ mod tests {
         matches!(parse(head.as_bytes()), Parsed::Watch(_))
     }
 
+    /// The HTTP/2 preface is recognised even when it arrives in pieces, and
+    /// the bytes read are handed on whole; a look-alike is HTTP/1.1.
+    #[tokio::test]
+    async fn the_h2_preface_is_recognised_in_pieces() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let reader =
+            tokio::spawn(
+                async move { read_head(&mut server, Duration::from_secs(10), true).await },
+            );
+        client.write_all(b"PRI * HTTP/2").await.unwrap();
+        tokio::task::yield_now().await;
+        client
+            .write_all(b".0\r\n\r\nSM\r\n\r\n\x00\x00")
+            .await
+            .unwrap();
+        match reader.await.unwrap() {
+            Head::H2(bytes) => {
+                assert!(bytes.starts_with(H2_PREFACE));
+                assert!(bytes.len() >= H2_PREFACE.len());
+            }
+            _ => panic!("not taken for HTTP/2"),
+        }
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client
+            .write_all(b"PRI /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(matches!(
+            read_head(&mut server, Duration::from_secs(10), true).await,
+            Head::Other(_)
+        ));
+    }
+
     #[test]
     fn chunk_sizes_are_hex() {
         let mut b = [0u8; 18];
