@@ -217,6 +217,36 @@ async fn page(
     }
 }
 
+fn unexpected_step(step: Step) -> ApiError {
+    tracing::error!(?step, "a page watch asked for an SSE step");
+    ApiError::store_unavailable()
+}
+
+/// The JSON body of a page.
+fn page_response(p: &PageAnswer) -> Response {
+    let epoch = &p.meta.epoch;
+    let events: Vec<_> = p
+        .events
+        .iter()
+        .map(|e| jobcast_protocol::Event {
+            id: EventId::new(epoch.clone(), e.seq).to_string(),
+            seq: e.seq,
+            event_type: e.event_type.clone(),
+            data: e.data.clone(),
+            time: crate::time::rfc3339(e.time),
+        })
+        .collect();
+    let mut body = serde_json::json!({
+        "events": events,
+        "next": p.next.as_ref().map(|n| n.to_string()),
+        "state": p.meta.state.as_str(),
+    });
+    if let Some(reset) = &p.reset {
+        body["reset"] = serde_json::to_value::<&ResetPayload>(reset).unwrap_or_default();
+    }
+    json_response(StatusCode::OK, to_json(&body))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,34 +277,4 @@ mod tests {
             assert!(parse_from(bad).is_err(), "{bad:?}");
         }
     }
-}
-
-fn unexpected_step(step: Step) -> ApiError {
-    tracing::error!(?step, "a page watch asked for an SSE step");
-    ApiError::store_unavailable()
-}
-
-/// The JSON body of a page.
-fn page_response(p: &PageAnswer) -> Response {
-    let epoch = &p.meta.epoch;
-    let events: Vec<_> = p
-        .events
-        .iter()
-        .map(|e| jobcast_protocol::Event {
-            id: EventId::new(epoch.clone(), e.seq).to_string(),
-            seq: e.seq,
-            event_type: e.event_type.clone(),
-            data: e.data.clone(),
-            time: crate::time::rfc3339(e.time),
-        })
-        .collect();
-    let mut body = serde_json::json!({
-        "events": events,
-        "next": p.next.as_ref().map(|n| n.to_string()),
-        "state": p.meta.state.as_str(),
-    });
-    if let Some(reset) = &p.reset {
-        body["reset"] = serde_json::to_value::<&ResetPayload>(reset).unwrap_or_default();
-    }
-    json_response(StatusCode::OK, to_json(&body))
 }
