@@ -4,7 +4,7 @@
 //! write timeout fails — when a client stops reading, hyper stops polling
 //! the body, so timers inside the body would never fire. On HTTP/2 one
 //! stream can stall while its connection is fine (its flow-control window
-//! stays shut): each stream's task gives up on its own ([`StreamExec`]).
+//! stays shut): each stream's task gives up on its own (`StreamExec`).
 
 use std::future::Future;
 use std::io;
