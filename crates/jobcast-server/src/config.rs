@@ -46,6 +46,9 @@ pub struct Config {
     pub max_batch: usize,
     /// Bytes of encoded events kept per watched stream for live watchers.
     pub ring_bytes: usize,
+    /// Most bytes of store pages kept per watched stream for watchers
+    /// catching up together (the shared catch-up cache, in the memory budget).
+    pub catchup_bytes: usize,
     /// One budget for replay frames waiting for their sockets, request
     /// bodies being read and the hub's rings (`--memory-budget`).
     pub memory_budget: usize,
@@ -113,6 +116,7 @@ impl Default for Config {
             max_body_bytes: 16 << 20,
             max_batch: 1000,
             ring_bytes: 1 << 20,
+            catchup_bytes: 16 << 20,
             memory_budget: 512 << 20,
             page_size: 1000,
             store_retry_limit: Duration::from_secs(30),
@@ -155,6 +159,7 @@ impl std::fmt::Debug for Config {
             max_body_bytes,
             max_batch,
             ring_bytes,
+            catchup_bytes,
             memory_budget,
             page_size,
             store_retry_limit,
@@ -191,6 +196,7 @@ impl std::fmt::Debug for Config {
             .field("max_body_bytes", max_body_bytes)
             .field("max_batch", max_batch)
             .field("ring_bytes", ring_bytes)
+            .field("catchup_bytes", catchup_bytes)
             .field("memory_budget", memory_budget)
             .field("page_size", page_size)
             .field("store_retry_limit", store_retry_limit)

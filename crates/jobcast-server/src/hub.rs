@@ -154,8 +154,8 @@ struct Catchup {
     permit: Option<crate::budget::Permit>,
 }
 
-/// Most bytes of store pages kept per stream for catching-up watchers; the
-/// least recently used go first.
+/// Most bytes of store pages kept per stream for catching-up watchers, by
+/// default (`Config::catchup_bytes`); the least recently used go first.
 const CATCHUP_BYTES: usize = 16 << 20;
 
 #[derive(Debug)]
@@ -163,6 +163,8 @@ struct Inner {
     /// std Mutex: held for a map lookup or insert, never across an await.
     streams: Mutex<HashMap<String, Arc<Entry>>>,
     ring_bytes: usize,
+    /// Most bytes of store pages kept per stream (the shared catch-up).
+    catchup_bytes: usize,
     budget: crate::budget::Budget,
     watchers: AtomicUsize,
     /// Set at shutdown; watchers are woken through their entries to see it.
@@ -194,11 +196,21 @@ impl Hub {
             inner: Arc::new(Inner {
                 streams: Mutex::new(HashMap::new()),
                 ring_bytes,
+                catchup_bytes: CATCHUP_BYTES,
                 budget,
                 watchers: AtomicUsize::new(0),
                 closed: std::sync::atomic::AtomicBool::new(false),
             }),
         }
+    }
+
+    /// The same hub keeping at most `bytes` of store pages per stream for
+    /// watchers catching up (call before sharing it).
+    pub fn with_catchup_bytes(mut self, bytes: usize) -> Hub {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.catchup_bytes = bytes;
+        }
+        self
     }
 
     /// Takes a cursor on a stream (creating its entry). Take it BEFORE reading
@@ -479,7 +491,7 @@ impl Subscription {
             .batches
             .partition_point(|(b, _)| b.first_seq <= batch.first_seq);
         cache.batches.insert(at, (batch, now));
-        while cache.bytes > CATCHUP_BYTES && cache.batches.len() > 1 {
+        while cache.bytes > self.hub.inner.catchup_bytes && cache.batches.len() > 1 {
             // The least recently used page goes.
             let Some(oldest) = cache
                 .batches

@@ -60,3 +60,104 @@ async fn many_watchers_catching_up_share_the_store_reads() {
         "{WATCHERS} watchers read {together} pages, one alone {alone}"
     );
 }
+
+/// Reads a whole SSE response, returning the seq of every event id in
+/// order; with `pause`, sleeps that long for every 16 KiB of the body (a
+/// slower client, so the watchers of one stream spread out).
+async fn seqs_of_watch(s: &TestServer, stream: &str, pause: Option<Duration>) -> Vec<u64> {
+    use futures::StreamExt;
+    let res = s
+        .client
+        .get(s.url(&format!("/v1/streams/{stream}/events")))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("watch");
+    assert_eq!(res.status(), 200);
+    let mut body = res.bytes_stream();
+    let mut seqs = Vec::new();
+    // The unfinished last line of the previous piece.
+    let mut line = Vec::new();
+    let read = async {
+        while let Some(piece) = body.next().await {
+            let piece = piece.expect("body");
+            for &b in piece.iter() {
+                if b != b'\n' {
+                    line.push(b);
+                    continue;
+                }
+                if let Some(id) = line.strip_prefix(b"id: ") {
+                    let id = std::str::from_utf8(id).expect("id");
+                    let seq = id.rsplit('-').next().and_then(|s| s.parse().ok());
+                    seqs.push(seq.unwrap_or_else(|| panic!("bad id {id}")));
+                }
+                line.clear();
+            }
+            if let Some(p) = pause {
+                tokio::time::sleep(p * (piece.len() / (16 << 10) + 1) as u32).await;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(300), read)
+        .await
+        .expect("the watch did not end");
+    seqs
+}
+
+/// Issue 13, at the scale where the cache cannot hold the whole log: the
+/// watchers of one stream read at different speeds (three quarters of them
+/// pause for every 16 KiB of their response, at three speeds), so they spread over more of the
+/// log than the stream's catch-up cache holds (before the fix: 508 page
+/// reads against one watcher's 201). Pages are kept until the
+/// watchers still behind them have passed them (the front waits for room
+/// instead of pushing out pages others still need), so together they cost
+/// about one watcher's store reads, and each gets every event exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_spread_wider_than_the_cache_still_share_the_store_reads() {
+    const EVENTS: u64 = 40_000;
+    const WATCHERS: usize = 24;
+    let s = std::sync::Arc::new(
+        TestServer::start_with(|c| {
+            c.page_size = 200;
+            // About two pages: far less than the log (about 22 MB encoded).
+            c.catchup_bytes = 256 << 10;
+        })
+        .await,
+    );
+    let pad = "x".repeat(500);
+    for chunk in 0..EVENTS / 1000 {
+        let batch: Vec<String> = (0..1000)
+            .map(|i| format!("e{}-{pad}", chunk * 1000 + i))
+            .collect();
+        s.append_batch("log", &batch).await;
+    }
+    s.complete("log").await;
+    let want: Vec<u64> = (1..=EVENTS + 1).collect();
+
+    let before = reads(&s).await;
+    assert_eq!(seqs_of_watch(&s, "log", None).await, want);
+    let alone = reads(&s).await - before;
+
+    let before = reads(&s).await;
+    let tasks: Vec<_> = (0..WATCHERS)
+        .map(|i| {
+            let s = s.clone();
+            // Four speeds: flat out, and 1, 2 or 4 ms per 16 KiB.
+            let pause = [None, Some(1), Some(2), Some(4)][i % 4].map(Duration::from_millis);
+            tokio::spawn(async move { seqs_of_watch(&s, "log", pause).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(
+            t.await.expect("watcher"),
+            want,
+            "every event once, in order"
+        );
+    }
+    let together = reads(&s).await - before;
+    println!("page reads: one watcher {alone}, {WATCHERS} watchers at once {together}");
+    assert!(
+        together <= 2 * alone,
+        "{WATCHERS} watchers read {together} pages, one alone {alone}"
+    );
+}
