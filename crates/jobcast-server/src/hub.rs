@@ -368,7 +368,36 @@ impl Hub {
     /// dropped, one overlapping it is cut. With several writers (nodes on one
     /// PostgreSQL) batches may arrive late or out of order; a seq missing
     /// from the ring is a gap that watchers fill from the store.
-    pub fn publish(&self, stream: &str, mut batch: Arc<Batch>) {
+    pub fn publish(&self, stream: &str, batch: Arc<Batch>) {
+        self.put(stream, batch, false);
+    }
+
+    /// Publishes a batch read from the store that holds every event of its
+    /// creation from `first_seq` on (a listener's re-sync): the ring's
+    /// batches from that seq on are replaced by it, so the holes a missed
+    /// wake-up left between this node's own commits are filled too. The
+    /// events are the same, so watchers in the replaced part go on by seq.
+    pub fn publish_over(&self, stream: &str, batch: Arc<Batch>) {
+        self.put(stream, batch, true);
+    }
+
+    /// The epoch and last seq of the ring's first run of batches with no
+    /// hole between them (where a re-sync starts reading).
+    pub fn ring_contiguous_head(&self, stream: &str) -> Option<(Arc<str>, u64)> {
+        let entry = self.entry(stream)?;
+        let ring = lock(&entry.ring);
+        let first = ring.batches.front()?;
+        let mut head = first.last_seq;
+        for b in ring.batches.iter().skip(1) {
+            if b.first_seq > head + 1 {
+                break;
+            }
+            head = head.max(b.last_seq);
+        }
+        Some((first.epoch.clone(), head))
+    }
+
+    fn put(&self, stream: &str, mut batch: Arc<Batch>, over: bool) {
         let Some(entry) = self.entry(stream) else {
             return;
         };
@@ -384,7 +413,24 @@ impl Hub {
                 ring.permit = None;
                 ring.epoch = Some(batch.epoch.clone());
                 ring.key = batch.key;
-            } else if let Some(head) = ring.batches.back().map(|b| b.last_seq) {
+            } else {
+                while over
+                    && ring
+                        .batches
+                        .back()
+                        .is_some_and(|b| b.first_seq >= batch.first_seq)
+                {
+                    if let Some(old) = ring.batches.pop_back() {
+                        ring.bytes -= old.bytes.len();
+                    }
+                }
+            }
+            if let Some(head) = ring
+                .batches
+                .back()
+                .filter(|_| ring.key == batch.key)
+                .map(|b| b.last_seq)
+            {
                 if batch.last_seq <= head {
                     return;
                 }
@@ -883,5 +929,27 @@ mod tests {
         assert_eq!(stalled.read_cached("e", 0, |b| b.count()), Some(1));
         drop(stalled);
         assert!(lock(&front.entry.catchup).detached.is_empty());
+    }
+
+    /// A listener's re-sync after missed wake-ups: the ring's first
+    /// unbroken run ends before the hole, and the page read from there
+    /// replaces the ring's tail, so the hole is filled in the ring.
+    #[test]
+    fn a_re_sync_fills_the_holes_left_between_own_commits() {
+        let hub = Hub::new(1 << 20);
+        let sub = hub.subscribe("s");
+        hub.publish("s", batch("e", 1, 3)); // 1..=3
+        hub.publish("s", batch("e", 6, 1)); // 6: 4..=5 were missed
+        hub.publish("s", batch("e", 8, 1)); // 8: 7 was missed
+        assert_eq!(hub.ring_contiguous_head("s"), Some((Arc::from("e"), 3)));
+        assert_eq!(sub.read("e", 3, |b| b.count()), Err(RingRead::Gap));
+        hub.publish_over("s", batch("e", 4, 6)); // 4..=9 from the store
+        assert_eq!(hub.ring_contiguous_head("s"), Some((Arc::from("e"), 9)));
+        let got = sub.read("e", 3, |b| {
+            let b: Vec<_> = b.collect();
+            (b.len(), b[0].first_seq, b[0].last_seq)
+        });
+        assert_eq!(got, Ok((1, 4, 9)));
+        assert_eq!(sub.read("e", 1, |b| b.count()), Ok(2));
     }
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{seq_of, TestServer};
+use common::{ids_of_watch, seq_of, TestServer};
 use std::time::Duration;
 
 fn page_reads(metrics: &str) -> u64 {
@@ -61,49 +61,6 @@ async fn many_watchers_catching_up_share_the_store_reads() {
     );
 }
 
-/// Reads a whole SSE response, returning the seq of every event id in
-/// order; with `pause`, sleeps that long for every 16 KiB of the body (a
-/// slower client, so the watchers of one stream spread out).
-async fn seqs_of_watch(s: &TestServer, stream: &str, pause: Option<Duration>) -> Vec<u64> {
-    use futures::StreamExt;
-    let res = s
-        .client
-        .get(s.url(&format!("/v1/streams/{stream}/events")))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .expect("watch");
-    assert_eq!(res.status(), 200);
-    let mut body = res.bytes_stream();
-    let mut seqs = Vec::new();
-    // The unfinished last line of the previous piece.
-    let mut line = Vec::new();
-    let read = async {
-        while let Some(piece) = body.next().await {
-            let piece = piece.expect("body");
-            for &b in piece.iter() {
-                if b != b'\n' {
-                    line.push(b);
-                    continue;
-                }
-                if let Some(id) = line.strip_prefix(b"id: ") {
-                    let id = std::str::from_utf8(id).expect("id");
-                    let seq = id.rsplit('-').next().and_then(|s| s.parse().ok());
-                    seqs.push(seq.unwrap_or_else(|| panic!("bad id {id}")));
-                }
-                line.clear();
-            }
-            if let Some(p) = pause {
-                tokio::time::sleep(p * (piece.len() / (16 << 10) + 1) as u32).await;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(300), read)
-        .await
-        .expect("the watch did not end");
-    seqs
-}
-
 /// Issue 13, at the scale where the cache cannot hold the whole log: the
 /// watchers of one stream read at different speeds (three quarters of them
 /// pause for every 16 KiB of their response, at three speeds), so they spread over more of the
@@ -135,7 +92,10 @@ async fn watchers_spread_wider_than_the_cache_still_share_the_store_reads() {
     let want: Vec<u64> = (1..=EVENTS + 1).collect();
 
     let before = reads(&s).await;
-    assert_eq!(seqs_of_watch(&s, "log", None).await, want);
+    assert_eq!(
+        ids_of_watch(&s.client, &s.url, "log", None, None).await.0,
+        want
+    );
     let alone = reads(&s).await - before;
 
     let before = reads(&s).await;
@@ -144,7 +104,7 @@ async fn watchers_spread_wider_than_the_cache_still_share_the_store_reads() {
             let s = s.clone();
             // Four speeds: flat out, and 1, 2 or 4 ms per 16 KiB.
             let pause = [None, Some(1), Some(2), Some(4)][i % 4].map(Duration::from_millis);
-            tokio::spawn(async move { seqs_of_watch(&s, "log", pause).await })
+            tokio::spawn(async move { ids_of_watch(&s.client, &s.url, "log", pause, None).await.0 })
         })
         .collect();
     for t in tasks {
