@@ -73,6 +73,14 @@ pub struct Config {
     pub lean_sse: bool,
     /// PostgreSQL connections per node for reads and writes (plus one listener).
     pub pg_pool_size: u32,
+    /// How often the PostgreSQL listener checks its connection (a link that
+    /// silently stopped answering is replaced once a check goes unanswered
+    /// for `busy_timeout`).
+    pub listener_ping: Duration,
+    /// The longest a PostgreSQL read may take on its connection; past it the
+    /// read fails and its connection is discarded (a link that silently
+    /// stopped answering would otherwise hold the read forever).
+    pub pg_query_timeout: Duration,
     /// How tokens are verified; None: no authentication (only sensible on
     /// a loopback address — the binary refuses anything else without
     /// `--insecure-no-auth`).
@@ -128,6 +136,8 @@ impl Default for Config {
             busy_timeout: Duration::from_secs(5),
             lean_sse: true,
             pg_pool_size: 16,
+            listener_ping: Duration::from_secs(10),
+            pg_query_timeout: Duration::from_secs(30),
             auth: None,
             auth_cookie: "jobcast_token".into(),
             cors_origins: Vec::new(),
@@ -171,6 +181,8 @@ impl std::fmt::Debug for Config {
             busy_timeout,
             lean_sse,
             pg_pool_size,
+            listener_ping,
+            pg_query_timeout,
             auth,
             auth_cookie,
             cors_origins,
@@ -208,6 +220,8 @@ impl std::fmt::Debug for Config {
             .field("busy_timeout", busy_timeout)
             .field("lean_sse", lean_sse)
             .field("pg_pool_size", pg_pool_size)
+            .field("listener_ping", listener_ping)
+            .field("pg_query_timeout", pg_query_timeout)
             .field("auth", auth)
             .field("auth_cookie", auth_cookie)
             .field("cors_origins", cors_origins)

@@ -145,6 +145,14 @@ struct ServeArgs {
     /// PostgreSQL connections per node for reads and writes (plus one listener).
     #[arg(long, env = "JOBCAST_PG_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..))]
     pg_pool_size: u32,
+    /// How often the PostgreSQL listener checks its connection (one that does
+    /// not answer within 5 s is replaced, and the watched streams re-synced).
+    #[arg(long, env = "JOBCAST_LISTENER_PING", default_value = "10s", value_parser = duration)]
+    listener_ping: Duration,
+    /// The longest a PostgreSQL read may take; past it the read fails (the
+    /// watcher retries) and its connection is discarded.
+    #[arg(long, env = "JOBCAST_PG_QUERY_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pg_query_timeout: Duration,
     /// Largest request body, in bytes.
     #[arg(long, env = "JOBCAST_MAX_BODY_BYTES", default_value_t = 16 << 20, value_parser = clap::value_parser!(usize))]
     max_body_bytes: usize,
@@ -317,6 +325,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         store_retry_limit: args.store_retry_limit,
         shutdown_grace: args.shutdown_grace,
         pg_pool_size: args.pg_pool_size,
+        listener_ping: args.listener_ping,
+        pg_query_timeout: args.pg_query_timeout,
         max_body_bytes: args.max_body_bytes,
         max_batch: args.max_batch,
         max_connections: fit_open_files(args.max_connections),

@@ -12,7 +12,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use super::reads::read_page;
-use super::{CATCH_UP_PAGES, CHANNEL, LISTENER_PING};
+use super::{CATCH_UP_PAGES, CHANNEL};
 use crate::hub::{Batch, Hub};
 use crate::metrics::{Metrics, QueryKind};
 
@@ -22,7 +22,12 @@ pub(super) struct Listener {
     pub(super) pool: PgPool,
     pub(super) hub: Hub,
     pub(super) page_size: u32,
+    /// Bounds connecting, LISTEN and each check of the link.
     pub(super) connect_timeout: Duration,
+    /// How often the link is checked (`Config::listener_ping`).
+    pub(super) ping: Duration,
+    /// Bounds each page read (`Config::pg_query_timeout`).
+    pub(super) query_timeout: Duration,
     pub(super) metrics: Metrics,
     /// `pg_notification_queue_usage()` at the last check (f64 bits), for /readyz.
     pub(super) queue_usage: Arc<AtomicU64>,
@@ -114,7 +119,10 @@ impl Listener {
     pub(super) async fn run(self, stop: CancellationToken) {
         let mut delay = Duration::from_millis(100);
         while !stop.is_cancelled() {
-            let mut listener = match self.connect().await {
+            // Bounded: a link that silently stopped answering must not hold it.
+            let connected = tokio::time::timeout(self.connect_timeout, self.connect()).await;
+            let connected = connected.unwrap_or_else(|_| Err(sqlx::Error::PoolTimedOut));
+            let mut listener = match connected {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::warn!(error = %e, ?delay, "cannot listen for other nodes' appends; retrying");
@@ -132,7 +140,7 @@ impl Listener {
             // watched stream is re-synced once (LISTEN is already on, so
             // whatever commits after these reads is notified).
             self.resync_all().await;
-            let mut ping = tokio::time::interval(LISTENER_PING);
+            let mut ping = tokio::time::interval(self.ping);
             ping.tick().await;
             loop {
                 // One line per branch: shutdown, a wake-up, or a periodic check of the link.
@@ -265,7 +273,15 @@ impl Listener {
     ) {
         for _ in 0..CATCH_UP_PAGES {
             self.metrics.store_query(kind);
-            let page = match read_page(&self.pool, stream, after, self.page_size).await {
+            let page = match read_page(
+                &self.pool,
+                self.query_timeout,
+                stream,
+                after,
+                self.page_size,
+            )
+            .await
+            {
                 Ok(Some(page)) if page.meta.epoch == epoch => page,
                 Ok(_) => return self.hub.changed(stream),
                 Err(e) => {
