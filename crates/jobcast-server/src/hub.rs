@@ -159,7 +159,8 @@ struct Catchup {
     /// these pages: a page with one of them behind it is still needed.
     attached: BTreeSet<(u64, u64)>,
     /// Watchers left behind by the front (it waited for them in vain):
-    /// they no longer hold pages back; theirs go first when room is needed.
+    /// they no longer hold pages back, until they move again; theirs go
+    /// first when room is needed.
     detached: BTreeSet<(u64, u64)>,
 }
 
@@ -642,17 +643,13 @@ impl Subscription {
         }
         let mut cache = lock(&self.entry.catchup);
         let min = cache.attached.first().map(|&(p, _)| p);
-        let mut detached = false;
         if old != NOT_CATCHING_UP && !cache.attached.remove(&(old, self.id)) {
-            detached = cache.detached.remove(&(old, self.id));
+            cache.detached.remove(&(old, self.id));
         }
         if new != NOT_CATCHING_UP {
-            // Left behind once, left behind until it reaches the ring.
-            let set = match detached {
-                true => &mut cache.detached,
-                false => &mut cache.attached,
-            };
-            set.insert((new, self.id));
+            // Moving again: it holds its pages back again (a stalled
+            // watcher, left behind, does not move).
+            cache.attached.insert((new, self.id));
         }
         self.catchup_at.store(new, Ordering::Relaxed);
         let moved = cache.attached.first().map(|&(p, _)| p) != min;
