@@ -49,6 +49,10 @@ pub struct Config {
     /// Most bytes of store pages kept per watched stream for watchers
     /// catching up together (the shared catch-up cache, in the memory budget).
     pub catchup_bytes: usize,
+    /// How long the front of a stream's catch-up waits for room in a cache
+    /// full of pages slower watchers still need (zero: it never waits, and
+    /// the page furthest from its next reader goes instead).
+    pub catchup_pace: Duration,
     /// One budget for replay frames waiting for their sockets, request
     /// bodies being read and the hub's rings (`--memory-budget`).
     pub memory_budget: usize,
@@ -125,6 +129,7 @@ impl Default for Config {
             max_batch: 1000,
             ring_bytes: 1 << 20,
             catchup_bytes: 16 << 20,
+            catchup_pace: Duration::ZERO,
             memory_budget: 512 << 20,
             page_size: 1000,
             store_retry_limit: Duration::from_secs(30),
@@ -170,6 +175,7 @@ impl std::fmt::Debug for Config {
             max_batch,
             ring_bytes,
             catchup_bytes,
+            catchup_pace,
             memory_budget,
             page_size,
             store_retry_limit,
@@ -209,6 +215,7 @@ impl std::fmt::Debug for Config {
             .field("max_batch", max_batch)
             .field("ring_bytes", ring_bytes)
             .field("catchup_bytes", catchup_bytes)
+            .field("catchup_pace", catchup_pace)
             .field("memory_budget", memory_budget)
             .field("page_size", page_size)
             .field("store_retry_limit", store_retry_limit)

@@ -164,11 +164,6 @@ struct Catchup {
     detached: BTreeSet<(u64, u64)>,
 }
 
-/// How long the front of a stream's catch-up waits for the watchers behind
-/// it to pass the oldest needed page before it leaves them behind (they
-/// then read on as a group of their own).
-pub const CATCHUP_PACE: std::time::Duration = std::time::Duration::from_secs(1);
-
 impl Catchup {
     /// Bytes of the pages some attached watcher still needs (every page
     /// after the slowest attached position).
@@ -233,6 +228,8 @@ struct Inner {
     ring_bytes: usize,
     /// Most bytes of store pages kept per stream (the shared catch-up).
     catchup_bytes: usize,
+    /// How long the front of a catch-up waits for room (`Config::catchup_pace`).
+    catchup_pace: std::time::Duration,
     budget: crate::budget::Budget,
     watchers: AtomicUsize,
     /// Numbers subscriptions (their place among a stream's catching-up watchers).
@@ -267,6 +264,7 @@ impl Hub {
                 streams: Mutex::new(HashMap::new()),
                 ring_bytes,
                 catchup_bytes: CATCHUP_BYTES,
+                catchup_pace: std::time::Duration::ZERO,
                 budget,
                 watchers: AtomicUsize::new(0),
                 ids: AtomicU64::new(0),
@@ -280,6 +278,15 @@ impl Hub {
     pub fn with_catchup_bytes(mut self, bytes: usize) -> Hub {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.catchup_bytes = bytes;
+        }
+        self
+    }
+
+    /// The same hub whose catch-up fronts wait up to `pace` for room (see
+    /// [`Subscription::must_wait_for_room`]); zero, they never wait.
+    pub fn with_catchup_pace(mut self, pace: std::time::Duration) -> Hub {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.catchup_pace = pace;
         }
         self
     }
@@ -657,6 +664,11 @@ impl Subscription {
         if moved {
             self.entry.room.notify_waiters();
         }
+    }
+
+    /// How long the front of a catch-up waits for room (zero: never).
+    pub fn catchup_pace(&self) -> std::time::Duration {
+        self.hub.inner.catchup_pace
     }
 
     /// A future completing when the slowest catching-up watcher moves on

@@ -78,6 +78,9 @@ async fn watchers_spread_wider_than_the_cache_still_share_the_store_reads() {
             c.page_size = 200;
             // About two pages: far less than the log (about 22 MB encoded).
             c.catchup_bytes = 256 << 10;
+            // The front waits (up to 1 s) for room instead of pushing out
+            // pages the slower ones still need.
+            c.catchup_pace = Duration::from_secs(1);
         })
         .await,
     );

@@ -14,7 +14,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::{ApiError, AppState, VARY};
-use crate::hub::{Batch, Subscription, CATCHUP_PACE};
+use crate::hub::{Batch, Subscription};
 use crate::limits::{WatcherCap, WatcherSlot};
 use crate::store::PAGE_BYTES;
 use crate::watch::{Failure, Mode, Resume, Sent, Settings, Step, Watch};
@@ -72,7 +72,7 @@ async fn read_once(
 /// have brought its page in); a page read here is kept for the stream's
 /// other watchers (`Subscription::cache_page`). An SSE watcher (`account`)
 /// at the front of the stream's catch-up first waits, up to
-/// [`CATCHUP_PACE`], while the cache is full of pages slower watchers still
+/// `Config::catchup_pace` (off by default), while the cache is full of pages slower watchers still
 /// need (see `Subscription::must_wait_for_room`), so the watchers of a
 /// stream stay within what the cache holds and each page is read once.
 async fn replay_page(
@@ -106,10 +106,14 @@ async fn replay_page(
 }
 
 /// Waits while this watcher is at the front of a full catch-up cache (see
-/// [`replay_page`]); past [`CATCHUP_PACE`] without the slowest moving on,
+/// [`replay_page`]); past `Config::catchup_pace` without the slowest moving on,
 /// those holding the cache full are left behind.
 async fn wait_for_room(sub: &Subscription) {
-    let deadline = Instant::now() + CATCHUP_PACE;
+    let pace = sub.catchup_pace();
+    if pace.is_zero() {
+        return;
+    }
+    let deadline = Instant::now() + pace;
     loop {
         let room = sub.room_notified();
         let mut room = std::pin::pin!(room);
