@@ -46,6 +46,13 @@ pub struct Config {
     pub max_batch: usize,
     /// Bytes of encoded events kept per watched stream for live watchers.
     pub ring_bytes: usize,
+    /// Most bytes of store pages kept per watched stream for watchers
+    /// catching up together (the shared catch-up cache, in the memory budget).
+    pub catchup_bytes: usize,
+    /// How long the front of a stream's catch-up waits for room in a cache
+    /// full of pages slower watchers still need (zero: it never waits, and
+    /// the page furthest from its next reader goes instead).
+    pub catchup_pace: Duration,
     /// One budget for replay frames waiting for their sockets, request
     /// bodies being read and the hub's rings (`--memory-budget`).
     pub memory_budget: usize,
@@ -74,6 +81,14 @@ pub struct Config {
     /// by a hash of their id, so groups of different streams commit in
     /// parallel (each holds one pool connection while it commits).
     pub pg_writers: usize,
+    /// How often the PostgreSQL listener checks its connection (a link that
+    /// silently stopped answering is replaced once a check goes unanswered
+    /// for `busy_timeout`).
+    pub listener_ping: Duration,
+    /// The longest a PostgreSQL read may take on its connection; past it the
+    /// read fails and its connection is discarded (a link that silently
+    /// stopped answering would otherwise hold the read forever).
+    pub pg_query_timeout: Duration,
     /// How tokens are verified; None: no authentication (only sensible on
     /// a loopback address — the binary refuses anything else without
     /// `--insecure-no-auth`).
@@ -117,6 +132,8 @@ impl Default for Config {
             max_body_bytes: 16 << 20,
             max_batch: 1000,
             ring_bytes: 1 << 20,
+            catchup_bytes: 16 << 20,
+            catchup_pace: Duration::ZERO,
             memory_budget: 512 << 20,
             page_size: 1000,
             store_retry_limit: Duration::from_secs(30),
@@ -129,6 +146,8 @@ impl Default for Config {
             lean_sse: true,
             pg_pool_size: 16,
             pg_writers: 4,
+            listener_ping: Duration::from_secs(10),
+            pg_query_timeout: Duration::from_secs(30),
             auth: None,
             auth_cookie: "jobcast_token".into(),
             cors_origins: Vec::new(),
@@ -160,6 +179,8 @@ impl std::fmt::Debug for Config {
             max_body_bytes,
             max_batch,
             ring_bytes,
+            catchup_bytes,
+            catchup_pace,
             memory_budget,
             page_size,
             store_retry_limit,
@@ -172,6 +193,8 @@ impl std::fmt::Debug for Config {
             lean_sse,
             pg_pool_size,
             pg_writers,
+            listener_ping,
+            pg_query_timeout,
             auth,
             auth_cookie,
             cors_origins,
@@ -197,6 +220,8 @@ impl std::fmt::Debug for Config {
             .field("max_body_bytes", max_body_bytes)
             .field("max_batch", max_batch)
             .field("ring_bytes", ring_bytes)
+            .field("catchup_bytes", catchup_bytes)
+            .field("catchup_pace", catchup_pace)
             .field("memory_budget", memory_budget)
             .field("page_size", page_size)
             .field("store_retry_limit", store_retry_limit)
@@ -209,6 +234,8 @@ impl std::fmt::Debug for Config {
             .field("lean_sse", lean_sse)
             .field("pg_pool_size", pg_pool_size)
             .field("pg_writers", pg_writers)
+            .field("listener_ping", listener_ping)
+            .field("pg_query_timeout", pg_query_timeout)
             .field("auth", auth)
             .field("auth_cookie", auth_cookie)
             .field("cors_origins", cors_origins)

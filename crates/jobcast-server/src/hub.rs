@@ -9,7 +9,7 @@
 //! created and removed under the one map lock, so an arriving watcher can
 //! never attach to an entry that is being removed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -138,6 +138,9 @@ pub struct Entry {
     /// behind the ring wait for the one in flight and take it from
     /// `catchup` (tokio Mutex: held across the read).
     reading: tokio::sync::Mutex<()>,
+    /// Woken when the slowest watcher catching up moves on (or leaves), so
+    /// a front waiting for room in `catchup` looks again.
+    room: Notify,
 }
 
 /// Recently read store pages of a stream, encoded once: N watchers catching
@@ -152,10 +155,70 @@ struct Catchup {
     clock: u64,
     /// `bytes`, held in the server's memory budget.
     permit: Option<crate::budget::Permit>,
+    /// `(last seq sent, watcher id)` of the SSE watchers catching up from
+    /// these pages: a page with one of them behind it is still needed.
+    attached: BTreeSet<(u64, u64)>,
+    /// Watchers left behind by the front (it waited for them in vain):
+    /// they no longer hold pages back, until they move again; theirs go
+    /// first when room is needed.
+    detached: BTreeSet<(u64, u64)>,
 }
 
-/// Most bytes of store pages kept per stream for catching-up watchers; the
-/// least recently used go first.
+impl Catchup {
+    /// Bytes of the pages some attached watcher still needs (every page
+    /// after the slowest attached position).
+    fn pinned(&self) -> usize {
+        let Some(&(min, _)) = self.attached.first() else {
+            return 0;
+        };
+        self.batches
+            .iter()
+            .filter(|(b, _)| b.last_seq > min)
+            .map(|(b, _)| b.bytes.len())
+            .sum()
+    }
+
+    /// How far the nearest watcher of `set` behind `b` is from it (in seqs;
+    /// 0 when one is in it or right before it), None when none is behind it.
+    fn distance(set: &BTreeSet<(u64, u64)>, b: &Batch) -> Option<u64> {
+        let &(pos, _) = set.range(..(b.last_seq, 0)).next_back()?;
+        Some((b.first_seq - 1).saturating_sub(pos))
+    }
+
+    /// The page to drop when room is needed: one nobody still needs (least
+    /// recently used first), else the one whose next reader is furthest
+    /// away: behind it only watchers left behind, else any.
+    fn victim(&self) -> Option<usize> {
+        let mut best: Option<(u8, u64, std::cmp::Reverse<u64>, usize)> = None;
+        for (i, (b, used)) in self.batches.iter().enumerate() {
+            let score = match (
+                Self::distance(&self.attached, b),
+                Self::distance(&self.detached, b),
+            ) {
+                (None, None) => (3, 0, std::cmp::Reverse(*used), i),
+                (None, Some(d)) => (2, d, std::cmp::Reverse(*used), i),
+                (Some(d), _) => (1, d, std::cmp::Reverse(*used), i),
+            };
+            if best.as_ref().is_none_or(|b| score > *b) {
+                best = Some(score);
+            }
+        }
+        best.map(|(_, _, _, i)| i)
+    }
+
+    /// Drops pages (see [`Catchup::victim`]) until at most `cap` bytes are kept.
+    fn evict(&mut self, cap: usize) {
+        while self.bytes > cap && self.batches.len() > 1 {
+            let Some(i) = self.victim() else { break };
+            if let Some((old, _)) = self.batches.remove(i) {
+                self.bytes -= old.bytes.len();
+            }
+        }
+    }
+}
+
+/// Most bytes of store pages kept per stream for catching-up watchers, by
+/// default (`Config::catchup_bytes`).
 const CATCHUP_BYTES: usize = 16 << 20;
 
 #[derive(Debug)]
@@ -163,8 +226,14 @@ struct Inner {
     /// std Mutex: held for a map lookup or insert, never across an await.
     streams: Mutex<HashMap<String, Arc<Entry>>>,
     ring_bytes: usize,
+    /// Most bytes of store pages kept per stream (the shared catch-up).
+    catchup_bytes: usize,
+    /// How long the front of a catch-up waits for room (`Config::catchup_pace`).
+    catchup_pace: std::time::Duration,
     budget: crate::budget::Budget,
     watchers: AtomicUsize,
+    /// Numbers subscriptions (their place among a stream's catching-up watchers).
+    ids: AtomicU64,
     /// Set at shutdown; watchers are woken through their entries to see it.
     closed: std::sync::atomic::AtomicBool,
 }
@@ -194,11 +263,32 @@ impl Hub {
             inner: Arc::new(Inner {
                 streams: Mutex::new(HashMap::new()),
                 ring_bytes,
+                catchup_bytes: CATCHUP_BYTES,
+                catchup_pace: std::time::Duration::ZERO,
                 budget,
                 watchers: AtomicUsize::new(0),
+                ids: AtomicU64::new(0),
                 closed: std::sync::atomic::AtomicBool::new(false),
             }),
         }
+    }
+
+    /// The same hub keeping at most `bytes` of store pages per stream for
+    /// watchers catching up (call before sharing it).
+    pub fn with_catchup_bytes(mut self, bytes: usize) -> Hub {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.catchup_bytes = bytes;
+        }
+        self
+    }
+
+    /// The same hub whose catch-up fronts wait up to `pace` for room (see
+    /// [`Subscription::must_wait_for_room`]); zero, they never wait.
+    pub fn with_catchup_pace(mut self, pace: std::time::Duration) -> Hub {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.catchup_pace = pace;
+        }
+        self
     }
 
     /// Takes a cursor on a stream (creating its entry). Take it BEFORE reading
@@ -217,6 +307,8 @@ impl Hub {
             ring.batches.back().map(|b| (b.epoch.clone(), b.last_seq))
         };
         Subscription {
+            id: self.inner.ids.fetch_add(1, Ordering::Relaxed),
+            catchup_at: AtomicU64::new(NOT_CATCHING_UP),
             hub: self.clone(),
             stream: stream.to_owned(),
             entry,
@@ -284,7 +376,36 @@ impl Hub {
     /// dropped, one overlapping it is cut. With several writers (nodes on one
     /// PostgreSQL) batches may arrive late or out of order; a seq missing
     /// from the ring is a gap that watchers fill from the store.
-    pub fn publish(&self, stream: &str, mut batch: Arc<Batch>) {
+    pub fn publish(&self, stream: &str, batch: Arc<Batch>) {
+        self.put(stream, batch, false);
+    }
+
+    /// Publishes a batch read from the store that holds every event of its
+    /// creation from `first_seq` on (a listener's re-sync): the ring's
+    /// batches from that seq on are replaced by it, so the holes a missed
+    /// wake-up left between this node's own commits are filled too. The
+    /// events are the same, so watchers in the replaced part go on by seq.
+    pub fn publish_over(&self, stream: &str, batch: Arc<Batch>) {
+        self.put(stream, batch, true);
+    }
+
+    /// The epoch and last seq of the ring's first run of batches with no
+    /// hole between them (where a re-sync starts reading).
+    pub fn ring_contiguous_head(&self, stream: &str) -> Option<(Arc<str>, u64)> {
+        let entry = self.entry(stream)?;
+        let ring = lock(&entry.ring);
+        let first = ring.batches.front()?;
+        let mut head = first.last_seq;
+        for b in ring.batches.iter().skip(1) {
+            if b.first_seq > head + 1 {
+                break;
+            }
+            head = head.max(b.last_seq);
+        }
+        Some((first.epoch.clone(), head))
+    }
+
+    fn put(&self, stream: &str, mut batch: Arc<Batch>, over: bool) {
         let Some(entry) = self.entry(stream) else {
             return;
         };
@@ -300,7 +421,24 @@ impl Hub {
                 ring.permit = None;
                 ring.epoch = Some(batch.epoch.clone());
                 ring.key = batch.key;
-            } else if let Some(head) = ring.batches.back().map(|b| b.last_seq) {
+            } else {
+                while over
+                    && ring
+                        .batches
+                        .back()
+                        .is_some_and(|b| b.first_seq >= batch.first_seq)
+                {
+                    if let Some(old) = ring.batches.pop_back() {
+                        ring.bytes -= old.bytes.len();
+                    }
+                }
+            }
+            if let Some(head) = ring
+                .batches
+                .back()
+                .filter(|_| ring.key == batch.key)
+                .map(|b| b.last_seq)
+            {
                 if batch.last_seq <= head {
                     return;
                 }
@@ -372,7 +510,15 @@ pub struct Subscription {
     changes: u64,
     /// The ring's epoch and head when subscribing (`from=live` starts there).
     head: Option<(Arc<str>, u64)>,
+    /// This subscription's number (its key among catching-up watchers).
+    id: u64,
+    /// Its position among the stream's catching-up watchers, or
+    /// [`NOT_CATCHING_UP`]; changed only under the entry's `catchup` lock.
+    catchup_at: AtomicU64,
 }
+
+/// `Subscription::catchup_at` of a watcher that is not catching up.
+const NOT_CATCHING_UP: u64 = u64::MAX;
 
 impl Entry {
     /// A future that completes at the next publish or change. Create it and
@@ -441,7 +587,9 @@ impl Subscription {
         for (_, used) in cache.batches.range_mut(i..).take(2) {
             *used = now;
         }
-        Some(take(&mut cache.batches.range(i..).map(|(b, _)| b)))
+        // One page per frame: handed over without a copy, and a watcher far
+        // behind never builds a frame the size of the whole cache.
+        Some(take(&mut cache.batches.range(i..).take(1).map(|(b, _)| b)))
     }
 
     /// Whether other watchers share this stream on this node (a page read
@@ -479,25 +627,91 @@ impl Subscription {
             .batches
             .partition_point(|(b, _)| b.first_seq <= batch.first_seq);
         cache.batches.insert(at, (batch, now));
-        while cache.bytes > CATCHUP_BYTES && cache.batches.len() > 1 {
-            // The least recently used page goes.
-            let Some(oldest) = cache
-                .batches
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(i, _)| i)
-            else {
-                break;
-            };
-            if let Some((old, _)) = cache.batches.remove(oldest) {
-                cache.bytes -= old.bytes.len();
-            }
-        }
+        cache.evict(self.hub.inner.catchup_bytes);
         let bytes = cache.bytes;
         match cache.permit.as_mut() {
             Some(p) => p.resize(bytes),
             None => cache.permit = Some(self.hub.inner.budget.take(bytes)),
+        }
+    }
+
+    /// Records where this SSE watcher is while it catches up from store
+    /// pages (`Some(last seq sent)`), or that it is not (`None`: it follows
+    /// the ring, or is done). A page with a catching-up watcher behind it
+    /// is kept for it, within the cache's bound.
+    pub fn catching_up(&self, at: Option<u64>) {
+        let new = match at {
+            Some(p) => p.min(NOT_CATCHING_UP - 1),
+            None => NOT_CATCHING_UP,
+        };
+        let old = self.catchup_at.load(Ordering::Relaxed);
+        if old == new {
+            return;
+        }
+        let mut cache = lock(&self.entry.catchup);
+        let min = cache.attached.first().map(|&(p, _)| p);
+        if old != NOT_CATCHING_UP && !cache.attached.remove(&(old, self.id)) {
+            cache.detached.remove(&(old, self.id));
+        }
+        if new != NOT_CATCHING_UP {
+            // Moving again: it holds its pages back again (a stalled
+            // watcher, left behind, does not move).
+            cache.attached.insert((new, self.id));
+        }
+        self.catchup_at.store(new, Ordering::Relaxed);
+        let moved = cache.attached.first().map(|&(p, _)| p) != min;
+        drop(cache);
+        if moved {
+            self.entry.room.notify_waiters();
+        }
+    }
+
+    /// How long the front of a catch-up waits for room (zero: never).
+    pub fn catchup_pace(&self) -> std::time::Duration {
+        self.hub.inner.catchup_pace
+    }
+
+    /// A future completing when the slowest catching-up watcher moves on
+    /// (`enable()` it before [`Subscription::must_wait_for_room`]).
+    pub fn room_notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.entry.room.notified()
+    }
+
+    /// Whether this watcher, at the front of the stream's catch-up (needing
+    /// a page after every cached one), should wait before reading another:
+    /// the cache is full of pages that slower watchers still need, so a new
+    /// page would push one of them out and cost them a store read again.
+    pub fn must_wait_for_room(&self) -> bool {
+        let at = self.catchup_at.load(Ordering::Relaxed);
+        if at == NOT_CATCHING_UP {
+            return false;
+        }
+        let cache = lock(&self.entry.catchup);
+        if !cache.attached.contains(&(at, self.id)) {
+            return false;
+        }
+        let Some((last, _)) = cache.batches.back() else {
+            return false;
+        };
+        let front = cache.batches.iter().all(|(b, _)| b.last_seq <= at);
+        front && cache.pinned() + last.bytes.len() > self.hub.inner.catchup_bytes
+    }
+
+    /// The front waited long enough: the slowest watchers that keep the
+    /// cache full no longer hold pages back (they read on as their own
+    /// group), so the front can go on. Never this watcher itself.
+    pub fn leave_behind(&self) {
+        let mut cache = lock(&self.entry.catchup);
+        let est = cache.batches.back().map_or(0, |(b, _)| b.bytes.len());
+        while cache.pinned() + est > self.hub.inner.catchup_bytes {
+            let Some(&(pos, id)) = cache.attached.first() else {
+                break;
+            };
+            if id == self.id {
+                break;
+            }
+            cache.attached.remove(&(pos, id));
+            cache.detached.insert((pos, id));
         }
     }
 
@@ -539,6 +753,7 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        self.catching_up(None);
         let mut map = lock(&self.hub.inner.streams);
         if self.entry.watchers.fetch_sub(1, Ordering::Relaxed) == 1 {
             if let Some(e) = map.get(&self.stream) {
@@ -686,5 +901,64 @@ mod tests {
         }
         assert_eq!(sub.read("e", 1, |b| b.count()), Err(RingRead::Gap));
         assert_eq!(sub.read("e", 197, |b| b.count()), Ok(2));
+    }
+
+    /// The shared catch-up keeps a page while a catching-up watcher is
+    /// behind it, within its bound: a stalled watcher holds back only the
+    /// page it needs next, the front waits for room while the cache is full
+    /// of pages others need, and stops waiting once they are left behind.
+    #[test]
+    fn catchup_pages_are_kept_for_the_watchers_behind_them_within_the_bound() {
+        let page = |first| batch("e", first, 10);
+        let size = page(1).bytes.len();
+        let hub = Hub::new(1 << 20).with_catchup_bytes(3 * size);
+        let (stalled, front) = (hub.subscribe("s"), hub.subscribe("s"));
+        stalled.catching_up(Some(0));
+        front.catching_up(Some(0));
+        front.cache_page(page(1));
+        for first in (11..=81).step_by(10) {
+            front.catching_up(Some(first - 1));
+            front.cache_page(page(first));
+            let cache = lock(&front.entry.catchup);
+            assert!(cache.bytes <= 3 * size, "bounded: {}", cache.bytes);
+            // The stalled watcher's next page stays; the front's too.
+            assert_eq!(cache.batches.front().map(|(b, _)| b.first_seq), Some(1));
+            assert_eq!(cache.batches.back().map(|(b, _)| b.first_seq), Some(first));
+        }
+        // At the front of a full cache whose pages the stalled one needs: wait.
+        front.catching_up(Some(90));
+        assert!(front.must_wait_for_room());
+        assert!(!stalled.must_wait_for_room(), "only the front waits");
+        front.leave_behind();
+        assert!(
+            !front.must_wait_for_room(),
+            "left behind, it holds nothing back"
+        );
+        // Still catching up (as its own group), it gets its page if kept.
+        assert_eq!(stalled.read_cached("e", 0, |b| b.count()), Some(1));
+        drop(stalled);
+        assert!(lock(&front.entry.catchup).detached.is_empty());
+    }
+
+    /// A listener's re-sync after missed wake-ups: the ring's first
+    /// unbroken run ends before the hole, and the page read from there
+    /// replaces the ring's tail, so the hole is filled in the ring.
+    #[test]
+    fn a_re_sync_fills_the_holes_left_between_own_commits() {
+        let hub = Hub::new(1 << 20);
+        let sub = hub.subscribe("s");
+        hub.publish("s", batch("e", 1, 3)); // 1..=3
+        hub.publish("s", batch("e", 6, 1)); // 6: 4..=5 were missed
+        hub.publish("s", batch("e", 8, 1)); // 8: 7 was missed
+        assert_eq!(hub.ring_contiguous_head("s"), Some((Arc::from("e"), 3)));
+        assert_eq!(sub.read("e", 3, |b| b.count()), Err(RingRead::Gap));
+        hub.publish_over("s", batch("e", 4, 6)); // 4..=9 from the store
+        assert_eq!(hub.ring_contiguous_head("s"), Some((Arc::from("e"), 9)));
+        let got = sub.read("e", 3, |b| {
+            let b: Vec<_> = b.collect();
+            (b.len(), b[0].first_seq, b[0].last_seq)
+        });
+        assert_eq!(got, Ok((1, 4, 9)));
+        assert_eq!(sub.read("e", 1, |b| b.count()), Ok(2));
     }
 }

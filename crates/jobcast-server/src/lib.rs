@@ -55,7 +55,9 @@ impl Jobcast {
     pub async fn open(config: Config) -> Result<Jobcast, StoreError> {
         let metrics = metrics::Metrics::new();
         let budget = metrics.memory_budget(config.memory_budget);
-        let hub = hub::Hub::with_budget(config.ring_bytes, budget.clone());
+        let hub = hub::Hub::with_budget(config.ring_bytes, budget.clone())
+            .with_catchup_bytes(config.catchup_bytes)
+            .with_catchup_pace(config.catchup_pace);
         let store = Store::open(&config, hub.clone(), metrics.clone()).await?;
         Ok(Jobcast {
             state: http::AppState {

@@ -73,6 +73,36 @@ struct ProtoLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Kind {
+    kind: &'static str,
+}
+
+/// What a store query was for (the `kind` of `jobcast_store_queries_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QueryKind {
+    /// A stream's metadata, for a watcher or a request.
+    Meta,
+    /// A page of events, for a watcher, a long-poll or a request.
+    Page,
+    /// A page the listener read after another node's wake-up.
+    ListenerPage,
+    /// A page (with its metadata) the listener read to re-sync a watched
+    /// stream after its connection was re-established.
+    Resync,
+}
+
+impl QueryKind {
+    fn label(self) -> &'static str {
+        match self {
+            QueryKind::Meta => "meta",
+            QueryKind::Page => "page",
+            QueryKind::ListenerPage => "listener_page",
+            QueryKind::Resync => "resync",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
     outcome: &'static str,
 }
@@ -103,6 +133,7 @@ struct Inner {
     memory_used: Gauge,
     memory_limit: Gauge,
     page_reads: Counter,
+    queries: Family<Kind, Counter>,
     notify_queue: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
@@ -195,6 +226,12 @@ impl Metrics {
             "Pages of events read from the store (replay, catch-up, long-polls)",
             page_reads.clone(),
         );
+        let queries = Family::<Kind, Counter>::default();
+        registry.register(
+            "store_queries",
+            "Store reads, by kind: meta, page (watchers and requests), listener_page (after a wake-up), resync (after the listener reconnected)",
+            queries.clone(),
+        );
         let memory_used = Gauge::default();
         let memory_limit = Gauge::default();
         registry.register(
@@ -237,6 +274,7 @@ impl Metrics {
                 memory_used,
                 memory_limit,
                 page_reads,
+                queries,
                 notify_queue,
             }),
         }
@@ -337,6 +375,14 @@ impl Metrics {
     /// A page of events was read from the store.
     pub fn page_read(&self) {
         self.inner.page_reads.inc();
+    }
+
+    /// A store read of `kind` was made.
+    pub fn store_query(&self, kind: QueryKind) {
+        self.inner
+            .queries
+            .get_or_create(&Kind { kind: kind.label() })
+            .inc();
     }
 
     /// A store call failed.

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{seq_of, TestServer};
+use common::{ids_of_watch, seq_of, TestServer};
 use std::time::Duration;
 
 fn page_reads(metrics: &str) -> u64 {
@@ -52,6 +52,70 @@ async fn many_watchers_catching_up_share_the_store_reads() {
     let all = futures::future::join_all(watchers.iter_mut().map(|w| w.collect(t))).await;
     for events in all {
         assert_eq!(events.iter().map(seq_of).collect::<Vec<_>>(), want);
+    }
+    let together = reads(&s).await - before;
+    println!("page reads: one watcher {alone}, {WATCHERS} watchers at once {together}");
+    assert!(
+        together <= 2 * alone,
+        "{WATCHERS} watchers read {together} pages, one alone {alone}"
+    );
+}
+
+/// Issue 13, at the scale where the cache cannot hold the whole log: the
+/// watchers of one stream read at different speeds (three quarters of them
+/// pause for every 16 KiB of their response, at three speeds), so they spread over more of the
+/// log than the stream's catch-up cache holds (before the fix: 508 page
+/// reads against one watcher's 201). Pages are kept until the
+/// watchers still behind them have passed them (the front waits for room
+/// instead of pushing out pages others still need), so together they cost
+/// about one watcher's store reads, and each gets every event exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_spread_wider_than_the_cache_still_share_the_store_reads() {
+    const EVENTS: u64 = 40_000;
+    const WATCHERS: usize = 24;
+    let s = std::sync::Arc::new(
+        TestServer::start_with(|c| {
+            c.page_size = 200;
+            // About two pages: far less than the log (about 22 MB encoded).
+            c.catchup_bytes = 256 << 10;
+            // The front waits (up to 1 s) for room instead of pushing out
+            // pages the slower ones still need.
+            c.catchup_pace = Duration::from_secs(1);
+        })
+        .await,
+    );
+    let pad = "x".repeat(500);
+    for chunk in 0..EVENTS / 1000 {
+        let batch: Vec<String> = (0..1000)
+            .map(|i| format!("e{}-{pad}", chunk * 1000 + i))
+            .collect();
+        s.append_batch("log", &batch).await;
+    }
+    s.complete("log").await;
+    let want: Vec<u64> = (1..=EVENTS + 1).collect();
+
+    let before = reads(&s).await;
+    assert_eq!(
+        ids_of_watch(&s.client, &s.url, "log", None, None).await.0,
+        want
+    );
+    let alone = reads(&s).await - before;
+
+    let before = reads(&s).await;
+    let tasks: Vec<_> = (0..WATCHERS)
+        .map(|i| {
+            let s = s.clone();
+            // Four speeds: flat out, and 1, 2 or 4 ms per 16 KiB.
+            let pause = [None, Some(1), Some(2), Some(4)][i % 4].map(Duration::from_millis);
+            tokio::spawn(async move { ids_of_watch(&s.client, &s.url, "log", pause, None).await.0 })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(
+            t.await.expect("watcher"),
+            want,
+            "every event once, in order"
+        );
     }
     let together = reads(&s).await - before;
     println!("page reads: one watcher {alone}, {WATCHERS} watchers at once {together}");

@@ -149,6 +149,14 @@ struct ServeArgs {
     /// a hash of their id; each uses one pool connection while committing).
     #[arg(long, env = "JOBCAST_PG_WRITERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pg_writers: u16,
+    /// How often the PostgreSQL listener checks its connection (one that does
+    /// not answer within 5 s is replaced, and the watched streams re-synced).
+    #[arg(long, env = "JOBCAST_LISTENER_PING", default_value = "10s", value_parser = duration)]
+    listener_ping: Duration,
+    /// The longest a PostgreSQL read may take; past it the read fails (the
+    /// watcher retries) and its connection is discarded.
+    #[arg(long, env = "JOBCAST_PG_QUERY_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pg_query_timeout: Duration,
     /// Largest request body, in bytes.
     #[arg(long, env = "JOBCAST_MAX_BODY_BYTES", default_value_t = 16 << 20, value_parser = clap::value_parser!(usize))]
     max_body_bytes: usize,
@@ -339,6 +347,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         shutdown_grace: args.shutdown_grace,
         pg_pool_size: args.pg_pool_size,
         pg_writers: usize::from(args.pg_writers),
+        listener_ping: args.listener_ping,
+        pg_query_timeout: args.pg_query_timeout,
         max_body_bytes: args.max_body_bytes,
         max_batch: args.max_batch,
         max_connections: fit_open_files(args.max_connections),

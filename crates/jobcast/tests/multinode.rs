@@ -440,3 +440,68 @@ async fn append_e(client: &reqwest::Client, url: &str, i: usize) -> (String, Vec
     )
     .await
 }
+
+/// The silent blackhole: PostgreSQL stops answering node 1 without closing
+/// anything (the proxy in front of it keeps node 1's connections open and
+/// drops every byte both ways; new connections pass). Node 1's listener
+/// notices at its next check (`--listener-ping 1s`, unanswered for 5 s),
+/// reconnects and re-syncs, its reads on the dead connections give up
+/// after `--pg-query-timeout` (those connections are discarded), and its
+/// watcher, on the same response, gets every event appended on node 2
+/// exactly once, with no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_blackholed_postgres_link_is_noticed_and_loses_no_event() {
+    let db = TestDb::create().await;
+    let proxy = CutProxy::start(pg::addr()).await;
+    let quick = ["--listener-ping", "1s", "--pg-query-timeout", "2s"];
+    let via = Server::start_with(&db.url_via(proxy.addr), 0, &quick).expect("node 1");
+    let direct = Server::start_with(&db.url, 0, &quick).expect("node 2");
+    let client = reqwest::Client::new();
+    let stream = "blackhole";
+    create(&client, &direct.url, stream).await;
+    let mut expected = Vec::new();
+    let mut append = |data: String| {
+        expected.push(data.clone());
+        let (client, url) = (client.clone(), direct.url.clone());
+        async move { sse::append(&client, &url, stream, &data).await }
+    };
+
+    let mut w = Watcher::new(stream);
+    let mut sse = w.open(&client, &via.url).await.expect("watch node 1");
+    attached(&via.url, stream).await;
+    db.wait_for_listeners(2, Duration::from_secs(30)).await;
+    for i in 0..10 {
+        append(format!("before-{i}")).await;
+    }
+    assert_eq!(
+        w.read(&mut sse, Some(10)).await,
+        None,
+        "live through NOTIFY"
+    );
+
+    eprintln!("blackholing node 1's connections");
+    proxy.blackhole();
+    for i in 0..10 {
+        append(format!("during-{i}")).await;
+    }
+    // No further append: only the listener noticing and re-syncing brings these.
+    assert_eq!(
+        w.read(&mut sse, Some(20)).await,
+        None,
+        "events appended after the link went silent\n{}",
+        via.log_tail()
+    );
+    for i in 0..10 {
+        append(format!("after-{i}")).await;
+    }
+    sse::complete(&client, std::slice::from_ref(&direct.url), stream, 10).await;
+    assert_eq!(w.read(&mut sse, None).await, Some(Close::End));
+    w.assert_exactly_once(&expected);
+    assert!(w.errors.is_empty(), "{:?}", w.errors);
+    assert_eq!(w.connections, 1, "one response carried everything");
+    assert!(
+        via.log_tail().contains("does not answer"),
+        "node 1's listener noticed the silent link\n{}",
+        via.log_tail()
+    );
+}

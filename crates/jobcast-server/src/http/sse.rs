@@ -70,7 +70,11 @@ async fn read_once(
 /// A store page for `w`, one read per stream at a time: after waiting for
 /// the read in flight, the machine is asked again (another watcher may just
 /// have brought its page in); a page read here is kept for the stream's
-/// other watchers (`Subscription::cache_page`).
+/// other watchers (`Subscription::cache_page`). An SSE watcher (`account`)
+/// at the front of the stream's catch-up first waits, up to
+/// `Config::catchup_pace` (off by default), while the cache is full of pages slower watchers still
+/// need (see `Subscription::must_wait_for_room`), so the watchers of a
+/// stream stay within what the cache holds and each page is read once.
 async fn replay_page(
     state: &AppState,
     stream: &str,
@@ -85,6 +89,12 @@ async fn replay_page(
         };
         return read_page(state, stream, w, sub, (after, limit, gap), account).await;
     }
+    if account {
+        if let Step::ReadPage { after, .. } = step {
+            sub.catching_up(Some(after));
+        }
+        wait_for_room(sub).await;
+    }
     let entry = sub.entry();
     let _flight = entry.read_lock().await;
     match w.next(clock(), sub) {
@@ -92,6 +102,30 @@ async fn replay_page(
             read_page(state, stream, w, sub, (after, limit, gap), account).await
         }
         other => Ok(other),
+    }
+}
+
+/// Waits while this watcher is at the front of a full catch-up cache (see
+/// [`replay_page`]); past `Config::catchup_pace` without the slowest moving on,
+/// those holding the cache full are left behind.
+async fn wait_for_room(sub: &Subscription) {
+    let pace = sub.catchup_pace();
+    if pace.is_zero() {
+        return;
+    }
+    let deadline = Instant::now() + pace;
+    loop {
+        let room = sub.room_notified();
+        let mut room = std::pin::pin!(room);
+        room.as_mut().enable();
+        if !sub.must_wait_for_room() {
+            return;
+        }
+        // The slowest watcher moved on (look again), or the pace ran out.
+        if tokio::time::timeout_at(deadline, room).await.is_err() {
+            sub.leave_behind();
+            return;
+        }
     }
 }
 
@@ -355,6 +389,11 @@ impl Watcher {
                     } = sent
                     {
                         self.state.metrics.delivered(count, from_store);
+                        // Where it is among the stream's catching-up watchers.
+                        self.sub.catching_up(match from_store {
+                            true => self.w.position().map(|(_, sent)| sent),
+                            false => None,
+                        });
                         if let Some(t) = published {
                             self.state.metrics.publish_to_write(t.elapsed());
                         }

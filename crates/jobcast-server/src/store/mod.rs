@@ -22,6 +22,7 @@ use std::sync::Arc;
 use jobcast_protocol::{EventId, StreamState};
 use serde::Serialize;
 
+use crate::metrics::QueryKind;
 use crate::{config::Config, hub::Hub, metrics::Metrics};
 
 /// Most event data in one store page (one event when a single event is
@@ -501,8 +502,14 @@ impl Store {
     /// The metadata of a stream.
     pub async fn meta(&self, stream: &str) -> Result<Option<StreamMeta>, StoreError> {
         match self {
-            Store::Sqlite(s) => s.metrics().counted(s.meta(stream).await),
-            Store::Postgres(s) => s.metrics().counted(s.meta(stream).await),
+            Store::Sqlite(s) => {
+                s.metrics().store_query(QueryKind::Meta);
+                s.metrics().counted(s.meta(stream).await)
+            }
+            Store::Postgres(s) => {
+                s.metrics().store_query(QueryKind::Meta);
+                s.metrics().counted(s.meta(stream).await)
+            }
             #[cfg(feature = "test-util")]
             Store::Faulty(inner, switch, m) => {
                 switch.check(m)?;
@@ -521,10 +528,12 @@ impl Store {
         match self {
             Store::Sqlite(s) => {
                 s.metrics().page_read();
+                s.metrics().store_query(QueryKind::Page);
                 s.metrics().counted(s.read(stream, after, limit).await)
             }
             Store::Postgres(s) => {
                 s.metrics().page_read();
+                s.metrics().store_query(QueryKind::Page);
                 s.metrics().counted(s.read(stream, after, limit).await)
             }
             #[cfg(feature = "test-util")]

@@ -259,3 +259,60 @@ pub fn seq_of(e: &SseEvent) -> u64 {
 }
 
 pub const T: Duration = Duration::from_secs(10);
+
+/// Reads a whole SSE watch of `stream` on the server at `url` from its
+/// start: the seq of every event id in order, and the data of every
+/// `jobcast.error`. With `pause`, sleeps that long for every 16 KiB of the
+/// body (a slower client); counts events in `progress`. Cheap per byte, for tests with many watchers.
+pub async fn ids_of_watch(
+    client: &reqwest::Client,
+    url: &str,
+    stream: &str,
+    pause: Option<Duration>,
+    progress: Option<&std::sync::atomic::AtomicU64>,
+) -> (Vec<u64>, Vec<String>) {
+    let res = client
+        .get(format!("{url}/v1/streams/{stream}/events"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("watch");
+    assert_eq!(res.status(), 200);
+    let mut body = res.bytes_stream();
+    let (mut seqs, mut errors) = (Vec::new(), Vec::new());
+    // The unfinished last line of the previous piece.
+    let mut line = Vec::new();
+    let mut error = false;
+    let read = async {
+        while let Some(piece) = body.next().await {
+            let piece = piece.expect("body");
+            for &b in piece.iter() {
+                if b != b'\n' {
+                    line.push(b);
+                    continue;
+                }
+                if let Some(id) = line.strip_prefix(b"id: ") {
+                    let id = std::str::from_utf8(id).expect("id");
+                    let seq = id.rsplit('-').next().and_then(|s| s.parse().ok());
+                    seqs.push(seq.unwrap_or_else(|| panic!("bad id {id}")));
+                    if let Some(p) = progress {
+                        p.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                } else if line == b"event: jobcast.error" {
+                    error = true;
+                } else if let (true, Some(data)) = (error, line.strip_prefix(b"data: ")) {
+                    errors.push(String::from_utf8_lossy(data).into_owned());
+                    error = false;
+                }
+                line.clear();
+            }
+            if let Some(p) = pause {
+                tokio::time::sleep(p * (piece.len() / (16 << 10) + 1) as u32).await;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(300), read)
+        .await
+        .expect("the watch did not end");
+    (seqs, errors)
+}

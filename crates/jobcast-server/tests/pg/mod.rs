@@ -31,6 +31,64 @@ impl Database {
     pub fn url(&self) -> String {
         format!("{}/{}", server_url(), self.name)
     }
+
+    /// Runs `sql` (with this database's name as `$1`) on the admin database.
+    async fn admin_count(&self, sql: &str) -> i64 {
+        let mut conn = PgConnection::connect(&format!("{}/postgres", server_url()))
+            .await
+            .expect("admin connection");
+        let n: i64 = sqlx::query_scalar(sql)
+            .bind(&self.name)
+            .fetch_one(&mut conn)
+            .await
+            .expect("admin query");
+        let _ = conn.close().await;
+        n
+    }
+
+    /// Terminates every `jobcast-listener` connection of this database; how many.
+    pub async fn terminate_listeners(&self) -> i64 {
+        self.admin_count(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'jobcast-listener' AND datname = $1",
+        )
+        .await
+    }
+
+    /// Lets new connections to this database in, or refuses them (existing
+    /// connections stay).
+    pub async fn allow_connections(&self, allow: bool) {
+        let mut conn = PgConnection::connect(&format!("{}/postgres", server_url()))
+            .await
+            .expect("admin connection");
+        conn.execute(
+            format!(
+                "ALTER DATABASE {} WITH ALLOW_CONNECTIONS {allow}",
+                self.name
+            )
+            .as_str(),
+        )
+        .await
+        .expect("ALTER DATABASE");
+        let _ = conn.close().await;
+    }
+
+    /// Waits (bounded) until this database has exactly `n` listener connections.
+    pub async fn wait_for_listeners(&self, n: i64) {
+        for _ in 0..600 {
+            let now = self
+                .admin_count(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE application_name = 'jobcast-listener' AND datname = $1",
+                )
+                .await;
+            if now == n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("{} never had {n} listener connections", self.name);
+    }
 }
 
 impl Drop for Database {

@@ -1,6 +1,9 @@
 //! A TCP proxy on 127.0.0.1 in front of one upstream (the test PostgreSQL),
 //! with a switch: [`CutProxy::cut`] closes every connection through it and
-//! refuses new ones (accepted and closed at once) until [`CutProxy::restore`].
+//! refuses new ones (accepted and closed at once) until [`CutProxy::restore`];
+//! [`CutProxy::blackhole`] makes the connections open at that moment stop
+//! forwarding (both ways: bytes are read and dropped, the sockets stay
+//! open, as a dead link or a dropping firewall would) while new ones pass.
 //! Loopback only; the proxy's tasks end when it is dropped.
 
 use std::net::SocketAddr;
@@ -17,6 +20,8 @@ pub struct CutProxy {
     pub addr: SocketAddr,
     /// true: connections pass; false: cut.
     open: watch::Sender<bool>,
+    /// Bumped by each blackhole: connections opened before it swallow.
+    black: watch::Sender<u64>,
     refused: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
@@ -27,8 +32,9 @@ impl CutProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let (open, _) = watch::channel(true);
+        let (black, _) = watch::channel(0u64);
         let refused = Arc::new(AtomicUsize::new(0));
-        let (tx, r) = (open.clone(), refused.clone());
+        let (tx, r, b) = (open.clone(), refused.clone(), black.clone());
         let task = tokio::spawn(async move {
             // Aborted with this task (a JoinSet aborts its tasks on drop).
             let mut conns = JoinSet::new();
@@ -42,7 +48,7 @@ impl CutProxy {
                             drop(client);
                             continue;
                         }
-                        conns.spawn(pipe(client, upstream, tx.subscribe()));
+                        conns.spawn(pipe(client, upstream, tx.subscribe(), b.subscribe()));
                     }
                     // Reap finished connections so the set stays small.
                     Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -52,6 +58,7 @@ impl CutProxy {
         CutProxy {
             addr,
             open,
+            black,
             refused,
             task,
         }
@@ -60,6 +67,12 @@ impl CutProxy {
     /// Closes every connection through the proxy and refuses new ones.
     pub fn cut(&self) {
         self.open.send_replace(false);
+    }
+
+    /// Every connection open now stops forwarding in both directions (what
+    /// arrives is read and dropped; nothing is closed); new ones pass.
+    pub fn blackhole(&self) {
+        self.black.send_modify(|g| *g += 1);
     }
 
     /// Lets connections through again.
@@ -79,16 +92,35 @@ impl Drop for CutProxy {
     }
 }
 
-/// Copies both ways until either side closes or the proxy is cut.
-async fn pipe(mut client: TcpStream, upstream: SocketAddr, mut open: watch::Receiver<bool>) {
+/// Copies both ways until either side closes or the proxy is cut; after a
+/// blackhole, swallows both ways instead.
+async fn pipe(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    mut open: watch::Receiver<bool>,
+    mut black: watch::Receiver<u64>,
+) {
     let Ok(mut server) = TcpStream::connect(upstream).await else {
         return;
     };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
+    let born = *black.borrow_and_update();
     tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
         // A cut drops both sockets at once, as a network failure would.
-        _ = open.wait_for(|open| !*open) => {}
+        _ = open.wait_for(|open| !*open) => return,
+        // Blackholed: from now on nothing passes, and nothing is closed.
+        _ = black.wait_for(|g| *g > born) => {}
+    }
+    let (mut a, mut b) = ([0u8; 4096], [0u8; 4096]);
+    use tokio::io::AsyncReadExt;
+    loop {
+        // Read and drop from either side, until a side closes or a cut.
+        tokio::select! {
+            n = client.read(&mut a) => if !matches!(n, Ok(1..)) { return },
+            n = server.read(&mut b) => if !matches!(n, Ok(1..)) { return },
+            _ = open.wait_for(|open| !*open) => return,
+        }
     }
 }

@@ -12,9 +12,9 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
 
 use super::reads::read_page;
-use super::{CATCH_UP_PAGES, CHANNEL, LISTENER_PING};
+use super::{CATCH_UP_PAGES, CHANNEL};
 use crate::hub::{Batch, Hub};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, QueryKind};
 
 /// The node's LISTEN connection, feeding its hub.
 pub(super) struct Listener {
@@ -22,7 +22,12 @@ pub(super) struct Listener {
     pub(super) pool: PgPool,
     pub(super) hub: Hub,
     pub(super) page_size: u32,
+    /// Bounds connecting, LISTEN and each check of the link.
     pub(super) connect_timeout: Duration,
+    /// How often the link is checked (`Config::listener_ping`).
+    pub(super) ping: Duration,
+    /// Bounds each page read (`Config::pg_query_timeout`).
+    pub(super) query_timeout: Duration,
     pub(super) metrics: Metrics,
     /// `pg_notification_queue_usage()` at the last check (f64 bits), for /readyz.
     pub(super) queue_usage: Arc<AtomicU64>,
@@ -71,6 +76,9 @@ fn coalesce<'a>(
 const WAKE_BATCH: usize = 1000;
 /// Streams whose wake-ups are read in parallel.
 const WAKE_STREAMS: usize = 8;
+/// Streams re-synced in parallel after a reconnect (well below the pool's
+/// size, so the node's watchers and requests still get connections).
+const RESYNC_STREAMS: usize = 8;
 
 /// A wake-up from the NOTIFY channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,7 +119,10 @@ impl Listener {
     pub(super) async fn run(self, stop: CancellationToken) {
         let mut delay = Duration::from_millis(100);
         while !stop.is_cancelled() {
-            let mut listener = match self.connect().await {
+            // Bounded: a link that silently stopped answering must not hold it.
+            let connected = tokio::time::timeout(self.connect_timeout, self.connect()).await;
+            let connected = connected.unwrap_or_else(|_| Err(sqlx::Error::PoolTimedOut));
+            let mut listener = match connected {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::warn!(error = %e, ?delay, "cannot listen for other nodes' appends; retrying");
@@ -125,12 +136,11 @@ impl Listener {
                 }
             };
             delay = Duration::from_millis(100);
-            // Wake-ups sent while no connection listened are lost: every
-            // watcher here re-checks the store once.
-            for stream in self.hub.watched() {
-                self.hub.changed(&stream);
-            }
-            let mut ping = tokio::time::interval(LISTENER_PING);
+            // Wake-ups sent while no connection listened are lost: each
+            // watched stream is re-synced once (LISTEN is already on, so
+            // whatever commits after these reads is notified).
+            self.resync_all().await;
+            let mut ping = tokio::time::interval(self.ping);
             ping.tick().await;
             loop {
                 // One line per branch: shutdown, a wake-up, or a periodic check of the link.
@@ -207,13 +217,36 @@ impl Listener {
             .await;
     }
 
+    /// Re-syncs every watched stream once, a few at a time: the listener
+    /// reads the events after each ring's head itself and publishes them,
+    /// so the watchers (however many) read nothing unless they are behind
+    /// the ring. A stream whose ring is empty (its watchers may be waiting
+    /// for its creation) or whose creation changed is `Hub::changed`:
+    /// its watchers re-check the store themselves.
+    async fn resync_all(&self) {
+        futures::stream::iter(self.hub.watched())
+            .for_each_concurrent(RESYNC_STREAMS, |stream| async move {
+                // From the end of the ring's first unbroken run: the
+                // wake-ups missed may have left holes between this node's
+                // own commits.
+                match self.hub.ring_contiguous_head(&stream) {
+                    Some((epoch, head)) => {
+                        self.catch_up(&stream, &epoch, head, None, QueryKind::Resync)
+                            .await
+                    }
+                    None => self.hub.changed(&stream),
+                }
+            })
+            .await;
+    }
+
     /// Handles one (coalesced) wake-up of a watched stream.
     async fn wake(&self, stream: &str, wake: Wake) {
         let (epoch, first, last) = match &wake {
             Wake::Events { epoch, first, last } => (epoch.as_str(), *first, *last),
             Wake::Changed => return self.hub.changed(stream),
         };
-        let mut after = match self.hub.ring_head(stream) {
+        let after = match self.hub.ring_head(stream) {
             Some((e, head)) if &*e == epoch => {
                 if head >= last {
                     return; // Published already (this node's own commit).
@@ -222,8 +255,33 @@ impl Listener {
             }
             _ => first - 1,
         };
+        self.catch_up(stream, epoch, after, Some(last), QueryKind::ListenerPage)
+            .await;
+    }
+
+    /// Reads the events of `epoch` after `after` (up to `last`, or up to the
+    /// head the first page reports) and publishes them, at most
+    /// [`CATCH_UP_PAGES`] pages; past that, or when the stream is gone or
+    /// was replaced, its watchers re-check the store (`Hub::changed`).
+    async fn catch_up(
+        &self,
+        stream: &str,
+        epoch: &str,
+        mut after: u64,
+        mut last: Option<u64>,
+        kind: QueryKind,
+    ) {
         for _ in 0..CATCH_UP_PAGES {
-            let page = match read_page(&self.pool, stream, after, self.page_size).await {
+            self.metrics.store_query(kind);
+            let page = match read_page(
+                &self.pool,
+                self.query_timeout,
+                stream,
+                after,
+                self.page_size,
+            )
+            .await
+            {
                 Ok(Some(page)) if page.meta.epoch == epoch => page,
                 Ok(_) => return self.hub.changed(stream),
                 Err(e) => {
@@ -232,6 +290,7 @@ impl Listener {
                     return self.hub.changed(stream);
                 }
             };
+            let last = *last.get_or_insert(page.meta.head);
             let (Some(first_event), Some(last_event)) = (page.events.first(), page.events.last())
             else {
                 return;
@@ -246,11 +305,17 @@ impl Listener {
                 last_event.event_type == END_EVENT,
             );
             after = last_event.seq;
-            self.hub.publish(stream, Arc::new(batch));
+            match kind {
+                // Every event from its first on: it replaces the ring's tail.
+                QueryKind::Resync => self.hub.publish_over(stream, Arc::new(batch)),
+                _ => self.hub.publish(stream, Arc::new(batch)),
+            }
             if after >= last {
                 return;
             }
         }
+        // More than a few pages behind: the watchers read the rest.
+        self.hub.changed(stream);
     }
 }
 

@@ -37,7 +37,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::store::group::{PingReply, Reply, Retention};
 use listener::Listener;
-use reads::read_page;
+use reads::{bounded, read_page};
 use writer::Writer;
 
 /// A store page stops after this many bytes of data (and at least one event).
@@ -55,9 +55,6 @@ pub(super) const MAX_ATTEMPTS: u32 = 5;
 pub(super) const TICK: Duration = Duration::from_millis(50);
 /// Pause between purge steps, so purging never hogs the writer.
 pub(super) const PURGE_EVERY: Duration = Duration::from_millis(50);
-/// The listener checks its connection this often (a silently dead link
-/// would otherwise lose wake-ups unnoticed).
-pub(super) const LISTENER_PING: Duration = Duration::from_secs(10);
 /// Most pages read to catch up on one wake-up; watchers read the rest themselves.
 pub(super) const CATCH_UP_PAGES: usize = 8;
 
@@ -91,6 +88,8 @@ struct Inner {
     metrics: Metrics,
     /// The NOTIFY queue's usage as the listener last saw it (f64 bits).
     queue_usage: Arc<AtomicU64>,
+    /// The longest a read may take on its connection (`Config::pg_query_timeout`).
+    query_timeout: Duration,
 }
 
 /// The writer a stream's writes go to: a hash of its id (FNV-1a, stable
@@ -172,6 +171,8 @@ impl PgStore {
             hub,
             page_size: config.page_size,
             connect_timeout: config.busy_timeout,
+            ping: config.listener_ping,
+            query_timeout: config.pg_query_timeout,
             metrics: metrics.clone(),
             queue_usage: queue_usage.clone(),
         };
@@ -188,6 +189,7 @@ impl PgStore {
                 done: tokio::sync::Mutex::new(done),
                 metrics,
                 queue_usage,
+                query_timeout: config.pg_query_timeout,
             }),
         })
     }
@@ -212,10 +214,16 @@ impl PgStore {
     }
 
     pub(super) async fn meta(&self, stream: &str) -> Result<Option<StreamMeta>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {META_COLUMNS} FROM streams WHERE id = $1"))
-            .bind(stream)
-            .fetch_optional(&self.inner.pool)
-            .await?;
+        let stream = stream.to_owned();
+        let row = bounded(&self.inner.pool, self.inner.query_timeout, move |c| {
+            Box::pin(async move {
+                sqlx::query(&format!("SELECT {META_COLUMNS} FROM streams WHERE id = $1"))
+                    .bind(stream)
+                    .fetch_optional(c)
+                    .await
+            })
+        })
+        .await?;
         Ok(row.as_ref().map(meta_from_row).transpose()?)
     }
 
@@ -225,7 +233,8 @@ impl PgStore {
         after: u64,
         limit: u32,
     ) -> Result<Option<Page>, StoreError> {
-        Ok(read_page(&self.inner.pool, stream, after, limit).await?)
+        let timeout = self.inner.query_timeout;
+        Ok(read_page(&self.inner.pool, timeout, stream, after, limit).await?)
     }
 
     pub(super) async fn list(&self, q: &ListQuery) -> Result<Vec<StreamMeta>, StoreError> {

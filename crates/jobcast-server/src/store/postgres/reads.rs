@@ -1,16 +1,60 @@
 //! Reads of the PostgreSQL store: pages of a stream's log.
 
+use std::time::Duration;
+
 use futures::TryStreamExt;
-use sqlx::postgres::PgPool;
-use sqlx::Row;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::{Postgres, Row};
 
 use super::{data_from_row, meta_from_row, seq, PAGE_BYTES};
 use crate::store::{Page, StoredEvent};
 
-/// The metadata and up to `limit` events after `after`, from one statement
-/// (so from one snapshot), stopping after [`PAGE_BYTES`] of data.
+/// Runs `f` on a connection of `pool` for at most `limit`. sqlx has no
+/// client-side statement timeout, and a connection whose peer silently
+/// stopped answering (no FIN, no RST: a dead link, a blackholing firewall)
+/// would hold the read forever; past `limit` the read fails and the
+/// connection is closed instead of going back to the pool.
+pub(super) async fn bounded<T>(
+    pool: &PgPool,
+    limit: Duration,
+    f: impl for<'c> FnOnce(
+        &'c mut PgConnection,
+    ) -> futures::future::BoxFuture<'c, Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    let mut conn: PoolConnection<Postgres> = pool.acquire().await?;
+    match tokio::time::timeout(limit, f(&mut conn)).await {
+        Ok(r) => r,
+        Err(_) => {
+            // Out of the pool and closed: its state mid-query is unknown.
+            drop(conn.detach());
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("PostgreSQL did not answer within {limit:?}"),
+            )))
+        }
+    }
+}
+
+/// [`read_page_on`] on a connection of `pool`, for at most `limit`.
 pub(super) async fn read_page(
     pool: &PgPool,
+    limit: Duration,
+    stream: &str,
+    after: u64,
+    events: u32,
+) -> Result<Option<Page>, sqlx::Error> {
+    let stream = stream.to_owned();
+    bounded(pool, limit, move |c| {
+        Box::pin(async move { read_page_on(c, &stream, after, events).await })
+    })
+    .await
+}
+
+/// The metadata and up to `limit` events after `after`, from one statement
+/// (so from one snapshot), stopping after [`PAGE_BYTES`] of data.
+async fn read_page_on(
+    conn: &mut PgConnection,
     stream: &str,
     after: u64,
     limit: u32,
@@ -28,7 +72,7 @@ pub(super) async fn read_page(
     .bind(stream)
     .bind(seq(after))
     .bind(limit as i64)
-    .fetch(pool);
+    .fetch(conn);
     let mut meta = None;
     let mut events = Vec::new();
     let mut bytes = 0usize;
