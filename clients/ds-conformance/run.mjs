@@ -70,7 +70,7 @@ if (store === 'sqlite') {
 const port = await freePort();
 const origin = `http://127.0.0.1:${port}`;
 let log = '';
-const child = spawn(bin, ['serve', '--listen', `127.0.0.1:${port}`, '--db', db], {
+const child = spawn(bin, ['serve', '--listen', `127.0.0.1:${port}`, '--db', db, '--ds-long-poll', '3s'], {
   stdio: ['ignore', 'pipe', 'pipe'],
   env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' },
 });

@@ -4,4 +4,5 @@ import { runConformanceTests } from '@durable-streams/server-conformance-tests';
 
 const baseUrl = process.env.CONFORMANCE_TEST_URL;
 if (!baseUrl) throw new Error('CONFORMANCE_TEST_URL is required (run through run.mjs)');
-runConformanceTests({ baseUrl });
+// run.mjs starts jobcast with --ds-long-poll 3s.
+runConformanceTests({ baseUrl, longPollTimeoutMs: 3000 });

@@ -175,6 +175,17 @@ struct ServeArgs {
     /// Most SSE watchers of one token subject, the `sub` claim (more get 429; default: no cap).
     #[arg(long, env = "JOBCAST_MAX_WATCHERS_PER_SUBJECT")]
     max_watchers_per_subject: Option<usize>,
+    /// Serve the Durable Streams protocol under this path (streams at PREFIX/v1/stream/{path}); empty turns it off.
+    #[arg(
+        long,
+        env = "JOBCAST_DS_PREFIX",
+        default_value = "/ds",
+        value_name = "PATH"
+    )]
+    ds_prefix: String,
+    /// How long a Durable Streams long-poll waits for data before answering 204.
+    #[arg(long, env = "JOBCAST_DS_LONG_POLL", value_parser = duration, default_value = "20s")]
+    ds_long_poll: std::time::Duration,
     /// Verify HS256 tokens with this secret (prefer the environment variable).
     #[arg(long, env = "JOBCAST_JWT_SECRET", hide_env_values = true, value_parser = secret, conflicts_with = "jwt_public_key")]
     jwt_secret: Option<Secret>,
@@ -329,6 +340,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         auth_cookie: args.auth_cookie.clone(),
         cors_origins: args.cors_origin.clone(),
         allowed_hosts: args.allowed_host.clone(),
+        ds_prefix: args.ds_prefix.trim_end_matches('/').to_owned(),
+        ds_long_poll: args.ds_long_poll,
         ..Config::default()
     };
     match &config.auth {

@@ -49,8 +49,15 @@ pub struct AppState {
 
 /// The router of the whole API.
 pub fn app(state: AppState) -> Router {
-    let router = routes(&state)
-        .router
+    let mut router = routes(&state).router;
+    let prefix = state.config.ds_prefix.trim_end_matches('/');
+    if !prefix.is_empty() {
+        let ds = ds_routes(&state)
+            .router
+            .layer(axum::middleware::from_fn(crate::ds::headers));
+        router = router.nest(prefix, ds);
+    }
+    let router = router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // RawBody enforces the configured limit with a JSON error instead.
@@ -92,6 +99,25 @@ fn routes(state: &AppState) -> Routes {
         .add(M::GET, "/metrics", Metrics, metrics)
         .add(M::GET, "/", Public, ui::index)
         .add(M::GET, "/ui/{*path}", Public, ui::asset)
+}
+
+/// The Durable Streams routes (mounted under `--ds-prefix`): reads need
+/// Subscribe, writes Publish, matched against the DS path.
+fn ds_routes(state: &AppState) -> Routes {
+    use http::Method as M;
+    use Need::*;
+    let path = crate::ds::STREAM_PATH;
+    Routes::new(state)
+        .add(M::GET, path, Subscribe, crate::ds::read_handler)
+        .add(M::PUT, path, Publish, crate::ds::put_handler)
+        .add(M::POST, path, Publish, crate::ds::post_handler)
+        .add(M::DELETE, path, Publish, crate::ds::delete_handler)
+}
+
+/// The Durable Streams routes as declared (their paths are under `--ds-prefix`).
+#[doc(hidden)]
+pub fn declared_ds_routes(state: &AppState) -> Vec<DeclaredRoute> {
+    ds_routes(state).declared
 }
 
 /// A route as declared: method, path template, and what it needs.

@@ -199,6 +199,22 @@ impl PgStore {
         super::writer::submit(&self.inner.tx, req, Cmd::Write).await
     }
 
+    pub(super) async fn ds_write(
+        &self,
+        w: super::ds::DsWrite,
+    ) -> Result<super::ds::DsOutcome, StoreError> {
+        super::ds::postgres::write(&self.inner.pool, w).await
+    }
+
+    pub(super) async fn ds_read(
+        &self,
+        stream: &str,
+        after: Option<u64>,
+        max_bytes: usize,
+    ) -> Result<Option<super::ds::DsPage>, StoreError> {
+        Ok(super::ds::postgres::read(&self.inner.pool, stream, after, max_bytes).await?)
+    }
+
     pub(super) async fn meta(&self, stream: &str) -> Result<Option<StreamMeta>, StoreError> {
         let row = sqlx::query(&format!("SELECT {META_COLUMNS} FROM streams WHERE id = $1"))
             .bind(stream)
