@@ -1,6 +1,6 @@
 //! DS offsets, cursors and time stamps (pure).
 //!
-//! An offset is `{key:019}_{seq:020}`: the creation key of the stream that
+//! An offset is `{key:016}_{seq:016}`: the creation key of the stream that
 //! owns the message at `seq` (a fork's inherited messages keep their
 //! source's key), then the seq of the last message before the position.
 //! Zero-padded decimal, so lexicographic order is numeric order; a stream
@@ -20,7 +20,7 @@ pub enum Start {
 
 /// The offset of position `seq` owned by creation `key`.
 pub fn encode(key: i64, seq: u64) -> String {
-    format!("{:019}_{seq:020}", key.max(0))
+    format!("{:016}_{seq:016}", key.max(0))
 }
 
 /// Parses an offset parameter.
@@ -31,10 +31,14 @@ pub fn parse(s: &str) -> Option<Start> {
         _ => {}
     }
     let (k, q) = s.split_once('_')?;
-    if k.len() != 19 || q.len() != 20 || !k.bytes().chain(q.bytes()).all(|b| b.is_ascii_digit()) {
+    if k.len() < 16 || q.len() < 16 || !k.bytes().chain(q.bytes()).all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some(Start::At(k.parse().ok()?, q.parse().ok()?))
+    match (k.parse().ok()?, q.parse().ok()?) {
+        // All zeros (no creation has key 0): the beginning, as other servers write it.
+        (0, 0) => Some(Start::Beginning),
+        (k, q) => Some(Start::At(k, q)),
+    }
 }
 
 /// 2024-10-09T00:00:00Z in unix seconds: the protocol's cursor epoch.
@@ -135,6 +139,10 @@ mod tests {
         assert_eq!(parse(&b), Some(Start::At(3, 10)));
         assert_eq!(parse("-1"), Some(Start::Beginning));
         assert_eq!(parse("now"), Some(Start::Now));
+        assert_eq!(
+            parse("0000000000000000_0000000000000000"),
+            Some(Start::Beginning)
+        );
         for bad in ["", "0,1", "0 1", "3_10", &b[1..], &format!("{b}0"), "x"] {
             assert_eq!(parse(bad), None, "{bad}");
         }

@@ -149,8 +149,8 @@ pub(crate) async fn get(
             set(h, "stream-closed", "true");
         }
         if let Some(ttl) = meta.ttl_s {
-            let left = (meta.touched_at + ttl as i64 * 1000 - crate::time::now_ms()).max(0) / 1000;
-            set(h, "stream-ttl", &left.to_string());
+            // The TTL as configured: it slides with every write and read.
+            set(h, "stream-ttl", &ttl.to_string());
         }
         if let Some(at) = meta.expires_at {
             set(h, "stream-expires-at", &crate::time::rfc3339(at));
@@ -367,7 +367,7 @@ fn data_event(meta: &DsMeta, messages: &[(u64, Vec<u8>)], out: &mut Vec<u8>) {
     out.extend_from_slice(b"event: data\n");
     let payload = body_of(meta, messages);
     if sse_base64(&meta.content_type) {
-        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(b"data:");
         out.extend_from_slice(
             base64::engine::general_purpose::STANDARD
                 .encode(&payload)
@@ -379,8 +379,15 @@ fn data_event(meta: &DsMeta, messages: &[(u64, Vec<u8>)], out: &mut Vec<u8>) {
         let mut rest: &str = &text;
         loop {
             let cut = rest.find(['\r', '\n']);
-            out.extend_from_slice(b"data: ");
-            out.extend_from_slice(rest[..cut.unwrap_or(rest.len())].as_bytes());
+            let line = &rest[..cut.unwrap_or(rest.len())];
+            // `data:` then the line; a space after the colon is dropped by
+            // every parser, so a line that starts with one gets another.
+            out.extend_from_slice(if line.starts_with(' ') {
+                b"data: "
+            } else {
+                b"data:"
+            });
+            out.extend_from_slice(line.as_bytes());
             out.push(b'\n');
             match cut {
                 None => break,
@@ -410,7 +417,7 @@ fn control_event(
     if up_to_date {
         v["upToDate"] = true.into();
     }
-    out.extend_from_slice(b"event: control\ndata: ");
+    out.extend_from_slice(b"event: control\ndata:");
     out.extend_from_slice(v.to_string().as_bytes());
     out.extend_from_slice(b"\n\n");
 }

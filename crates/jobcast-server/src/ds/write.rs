@@ -273,6 +273,7 @@ pub(crate) async fn post(
         };
         messages(is_json_type(ct), &body, false)?
     };
+    let appended_nothing = messages.is_empty();
     let w = DsWrite {
         stream: id.clone(),
         op: DsOp::Append {
@@ -289,7 +290,7 @@ pub(crate) async fn post(
             duplicate,
             producer,
         } => {
-            let status = if producer.is_some() && !duplicate {
+            let status = if producer.is_some() && !duplicate && !appended_nothing {
                 StatusCode::OK
             } else {
                 StatusCode::NO_CONTENT

@@ -112,6 +112,10 @@ fn ds_routes(state: &AppState) -> Routes {
         .add(M::PUT, path, Publish, crate::ds::put_handler)
         .add(M::POST, path, Publish, crate::ds::post_handler)
         .add(M::DELETE, path, Publish, crate::ds::delete_handler)
+        // CORS preflights (answered by `ds::headers`).
+        .add(M::OPTIONS, path, Public, || async {
+            StatusCode::NO_CONTENT
+        })
 }
 
 /// The Durable Streams routes as declared (their paths are under `--ds-prefix`).
