@@ -8,9 +8,9 @@
 //! types, so PostgreSQL fits behind the same surface.
 
 pub mod ds;
+mod group;
 mod postgres;
 mod sqlite;
-mod writer;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -507,4 +507,9 @@ impl Store {
             Store::Faulty(inner, _, _) => Box::pin(inner.close()).await,
         }
     }
+}
+
+/// The NOTIFY channel every node's listener listens on (for DS writes).
+fn postgres_channel() -> &'static str {
+    postgres::CHANNEL
 }

@@ -7,6 +7,10 @@
 //! The rules that decide a write (content type, `Stream-Seq`, producer
 //! fencing, closed streams) are pure functions here, shared by the backends.
 
+use std::sync::Arc;
+
+use crate::hub::{Batch, Hub};
+
 pub(super) mod postgres;
 pub(super) mod sqlite;
 
@@ -239,6 +243,63 @@ pub struct DsPage {
     pub meta: DsMeta,
     /// Messages with seq > the requested one, in order.
     pub messages: Vec<(u64, Vec<u8>)>,
+}
+
+/// What to publish after COMMIT.
+pub(crate) struct DsPublish {
+    pub(super) stream: String,
+    pub(super) key: i64,
+    pub(super) epoch: String,
+    /// Events `(seq, type, data)` for jobcast watchers (UTF-8 messages only).
+    pub(super) events: Vec<(u64, String, String)>,
+    pub(super) ends: bool,
+    /// Something other than text events changed (create, delete, bytes).
+    pub(super) changed: Option<Option<i64>>,
+}
+
+impl DsPublish {
+    pub(super) fn changed(stream: &str, deleted: Option<i64>) -> DsPublish {
+        DsPublish {
+            stream: stream.to_owned(),
+            key: 0,
+            epoch: String::new(),
+            events: Vec::new(),
+            ends: false,
+            changed: Some(deleted),
+        }
+    }
+
+    /// Tells the hub, after COMMIT.
+    pub(crate) fn send(self, hub: &Hub) {
+        if let Some(deleted) = self.changed {
+            match deleted {
+                Some(key) => hub.deleted(&self.stream, key),
+                None => hub.changed(&self.stream),
+            }
+        }
+        if let Some(&(first, _, _)) = self.events.first() {
+            if hub.is_watched(&self.stream) {
+                let batch = Batch::encode(
+                    self.key,
+                    &self.epoch,
+                    first,
+                    self.events.iter().map(|(_, t, d)| (t.as_str(), d.as_str())),
+                    self.ends,
+                );
+                hub.publish(&self.stream, Arc::new(batch));
+            }
+        }
+    }
+
+    /// The NOTIFY payload that wakes other nodes' listeners.
+    pub(super) fn payload(&self) -> String {
+        match (self.changed, self.events.first(), self.events.last()) {
+            (None, Some(first), Some(last)) => {
+                format!("{} {} {} {}", self.stream, self.epoch, first.0, last.0)
+            }
+            _ => self.stream.clone(),
+        }
+    }
 }
 
 /// The `jobcast.end` data a DS close writes.

@@ -1,17 +1,15 @@
 //! Durable Streams on SQLite: writes on the writer thread (one transaction
 //! each, rusqlite), reads from the read pool (one transaction each, sqlx).
 
-use std::sync::Arc;
-
 use jobcast_protocol::END_EVENT;
 use rusqlite::types::Value;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use sqlx::{Row, SqlitePool};
 
 use super::{
-    check_producer, DsMeta, DsOp, DsOutcome, DsPage, DsRefusal, DsWrite, ForkFrom, CLOSE_DATA,
+    check_producer, DsMeta, DsOp, DsOutcome, DsPage, DsPublish, DsRefusal, DsWrite, ForkFrom,
+    CLOSE_DATA,
 };
-use crate::hub::{Batch, Hub};
 
 /// The deepest fork chain followed (a longer one reads as its first links).
 const MAX_CHAIN: usize = 64;
@@ -128,53 +126,6 @@ fn lookup(conn: &Connection, stream: &str) -> rusqlite::Result<Option<DsMeta>> {
         Ok(r.into_meta(chain))
     })
     .transpose()
-}
-
-/// What to publish after COMMIT.
-pub(crate) struct DsPublish {
-    stream: String,
-    key: i64,
-    epoch: String,
-    /// Events `(seq, type, data)` for jobcast watchers (UTF-8 messages only).
-    events: Vec<(u64, String, String)>,
-    ends: bool,
-    /// Something other than text events changed (create, delete, bytes).
-    changed: Option<Option<i64>>,
-}
-
-impl DsPublish {
-    fn changed(stream: &str, deleted: Option<i64>) -> DsPublish {
-        DsPublish {
-            stream: stream.to_owned(),
-            key: 0,
-            epoch: String::new(),
-            events: Vec::new(),
-            ends: false,
-            changed: Some(deleted),
-        }
-    }
-
-    /// Tells the hub, after COMMIT.
-    pub(crate) fn send(self, hub: &Hub) {
-        if let Some(deleted) = self.changed {
-            match deleted {
-                Some(key) => hub.deleted(&self.stream, key),
-                None => hub.changed(&self.stream),
-            }
-        }
-        if let Some(&(first, _, _)) = self.events.first() {
-            if hub.is_watched(&self.stream) {
-                let batch = Batch::encode(
-                    self.key,
-                    &self.epoch,
-                    first,
-                    self.events.iter().map(|(_, t, d)| (t.as_str(), d.as_str())),
-                    self.ends,
-                );
-                hub.publish(&self.stream, Arc::new(batch));
-            }
-        }
-    }
 }
 
 /// Runs one DS write in its own transaction on the writer's connection.

@@ -16,11 +16,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::writer::{Cmd, Retention, Writer};
+mod writer;
+
 use super::{ListQuery, Page, StoreError, StoredEvent, StreamMeta, WriteOutcome, WriteRequest};
 use crate::config::{Config, SyncMode};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::store::group::Retention;
+use writer::{Cmd, Writer};
 
 /// A store page stops after this many bytes of data (and at least one event).
 const PAGE_BYTES: usize = super::PAGE_BYTES;
@@ -149,7 +152,7 @@ impl SqliteStore {
     }
 
     pub(super) async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
-        super::writer::submit(&self.inner.tx, req, Cmd::Write).await
+        crate::store::group::submit(&self.inner.tx, req, Cmd::Write).await
     }
 
     pub(super) async fn ds_write(
@@ -245,7 +248,7 @@ impl SqliteStore {
     /// The read pool and the writer thread both answer.
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.inner.pool).await?;
-        super::writer::ping(&self.inner.tx, Cmd::Ping).await
+        crate::store::group::ping(&self.inner.tx, Cmd::Ping).await
     }
 
     #[cfg(feature = "test-util")]

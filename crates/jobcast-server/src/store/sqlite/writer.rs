@@ -10,34 +10,23 @@
 //! to the hub in seq order per stream: a producer that went away after the
 //! commit cannot leave watchers without its batch.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jobcast_protocol::{StreamState, END_EVENT};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use super::{
+use crate::hub::Hub;
+use crate::store::group::{
+    fail_group, publish_and_answer, size_of, PingReply, Publish, Reply, Retention, GROUP_MAX_BYTES,
+    GROUP_MAX_EVENTS, PURGE_CHUNK, SWEEP_EVERY, SWEEP_KEYS, SWEEP_STREAMS,
+};
+use crate::store::{
     append_response_body, Refusal, StoreError, StreamMeta, WriteOp, WriteOutcome, WriteRequest,
 };
-use crate::hub::{Batch, Hub};
 
-/// Most events committed in one transaction (a group never waits to fill).
-pub(super) const GROUP_MAX_EVENTS: usize = 1000;
-/// Most data bytes committed in one transaction.
-pub(super) const GROUP_MAX_BYTES: usize = 4 << 20;
-/// Events of deleted streams removed per purge step.
-pub(super) const PURGE_CHUNK: i64 = 5000;
 /// Pause between purge steps, so purging never hogs the writer.
 const PURGE_EVERY: Duration = Duration::from_millis(50);
-
-/// Most expired streams deleted by one sweep step.
-pub(super) const SWEEP_STREAMS: i64 = 1000;
-/// Most expired idempotency keys deleted by one sweep step (one
-/// transaction), so a day of keys never holds the single writer for long.
-pub(super) const SWEEP_KEYS: i64 = 5000;
-/// Pause between sweep steps while expired rows remain.
-pub(super) const SWEEP_EVERY: Duration = Duration::from_millis(50);
 
 /// Ended streams past their TTL (`?1`: the cut-off time, `?2`: how many);
 /// found through the partial index `streams_ended`.
@@ -55,50 +44,6 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// bound the file (reached only when readers keep old snapshots open).
 const WAL_LIMIT_FRAMES: i64 = 64 * 1024;
 
-/// The answer to one write.
-pub(super) type Reply = oneshot::Sender<Result<WriteOutcome, StoreError>>;
-
-/// Hands a write to a backend's writer (`wrap` builds its command) and waits
-/// for the answer, which comes after the commit.
-pub(super) async fn submit<C>(
-    tx: &mpsc::Sender<C>,
-    req: WriteRequest,
-    wrap: fn(WriteRequest, Reply) -> C,
-) -> Result<WriteOutcome, StoreError> {
-    let (reply, rx) = oneshot::channel();
-    tx.send(wrap(req, reply))
-        .await
-        .map_err(|_| StoreError::Closed)?;
-    rx.await.map_err(|_| StoreError::Closed)?
-}
-
-/// How long readiness waits for a writer to answer a ping.
-pub(super) const PING_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// The answer to a ping: the writer ran `SELECT 1` on its connection.
-pub(super) type PingReply = oneshot::Sender<Result<(), StoreError>>;
-
-/// Asks a backend's writer (`wrap` builds its command) to answer from its
-/// own thread or task, through the same queue as writes: a writer that is
-/// gone, or that does not answer within [`PING_TIMEOUT`], is unavailable.
-pub(super) async fn ping<C>(
-    tx: &mpsc::Sender<C>,
-    wrap: fn(PingReply) -> C,
-) -> Result<(), StoreError> {
-    let gone = || StoreError::Unavailable("the store's writer is not running".into());
-    let asked = async {
-        let (reply, rx) = oneshot::channel();
-        tx.send(wrap(reply)).await.map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
-    };
-    match tokio::time::timeout(PING_TIMEOUT, asked).await {
-        Ok(answer) => answer,
-        Err(_) => Err(StoreError::Unavailable(
-            format!("the store's writer did not answer within {PING_TIMEOUT:?}").into(),
-        )),
-    }
-}
-
 /// What the writer thread is sent.
 #[derive(Debug)]
 pub(super) enum Cmd {
@@ -111,32 +56,12 @@ pub(super) enum Cmd {
     /// Commit what is queued before this, then stop.
     Stop,
     /// A Durable Streams write, in its own transaction (after the group before it).
-    Ds(super::ds::DsWrite, DsReply),
+    Ds(crate::store::ds::DsWrite, DsReply),
 }
 
 /// The answer to a DS write.
-pub(super) type DsReply = oneshot::Sender<Result<super::ds::DsOutcome, StoreError>>;
-
-/// What retention keeps.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Retention {
-    pub(super) ttl_ms: i64,
-    pub(super) max_events: Option<u64>,
-    pub(super) idempotency_ttl_ms: i64,
-    pub(super) interval: Duration,
-}
-
-impl Retention {
-    /// The retention settings of a configuration.
-    pub(super) fn from_config(config: &crate::config::Config) -> Retention {
-        Retention {
-            ttl_ms: config.retention_ttl.as_millis().min(i64::MAX as u128) as i64,
-            max_events: config.max_events_per_stream,
-            idempotency_ttl_ms: config.idempotency_ttl.as_millis().min(i64::MAX as u128) as i64,
-            interval: config.retention_interval,
-        }
-    }
-}
+pub(super) type DsReply =
+    tokio::sync::oneshot::Sender<Result<crate::store::ds::DsOutcome, StoreError>>;
 
 /// The writer thread's state.
 pub(super) struct Writer {
@@ -148,76 +73,6 @@ pub(super) struct Writer {
     next_purge: Instant,
     /// Dropped when the writer stops, which stops the checkpointer.
     checkpointer: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
-}
-
-/// What to tell the hub once the transaction committed (shared by the backends).
-pub(super) enum Publish {
-    /// The events of request `index` of the group were committed.
-    Events {
-        index: usize,
-        key: i64,
-        epoch: String,
-        first_seq: u64,
-        last_seq: u64,
-    },
-    /// The stream was created, or its creation `deleted` was deleted.
-    Changed {
-        stream: String,
-        deleted: Option<i64>,
-    },
-}
-
-/// After COMMIT: publishes the committed batches to the hub (before
-/// answering, so a producer that went away cannot leave watchers without
-/// its batch), then answers every request. Whether a stream was deleted.
-pub(super) fn publish_and_answer(
-    hub: &Hub,
-    group: &mut Vec<(WriteRequest, Reply)>,
-    outcomes: Vec<WriteOutcome>,
-    publish: Vec<Publish>,
-) -> bool {
-    let mut deleted_any = false;
-    for p in publish {
-        match p {
-            Publish::Events {
-                index,
-                key,
-                epoch,
-                first_seq,
-                ..
-            } => {
-                let req = &group[index].0;
-                // Encoded after COMMIT, only for watched streams: a watcher
-                // subscribing after this check reads the store after the
-                // commit; one before gets the batch.
-                if hub.is_watched(&req.stream) {
-                    if let Some(batch) = encode(req, key, &epoch, first_seq) {
-                        hub.publish(&req.stream, Arc::new(batch));
-                    }
-                }
-            }
-            Publish::Changed { stream, deleted } => match deleted {
-                Some(key) => {
-                    deleted_any = true;
-                    hub.deleted(&stream, key);
-                }
-                None => hub.changed(&stream),
-            },
-        }
-    }
-    for ((_, reply), outcome) in group.drain(..).zip(outcomes) {
-        let _ = reply.send(Ok(outcome));
-    }
-    deleted_any
-}
-
-/// A group that could not be committed: every request gets the error.
-pub(super) fn fail_group(group: &mut Vec<(WriteRequest, Reply)>, e: &dyn std::fmt::Display) {
-    tracing::error!(error = %e, writes = group.len(), "store write failed; nothing was committed");
-    let message = e.to_string();
-    for (_, reply) in group.drain(..) {
-        let _ = reply.send(Err(StoreError::Unavailable(message.clone().into())));
-    }
 }
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
@@ -359,8 +214,8 @@ impl Writer {
     }
 
     /// One DS write in its own transaction; published after COMMIT, then answered.
-    fn ds_write(&mut self, w: &super::ds::DsWrite, reply: DsReply) {
-        match super::ds::sqlite::write(&mut self.conn, w) {
+    fn ds_write(&mut self, w: &crate::store::ds::DsWrite, reply: DsReply) {
+        match crate::store::ds::sqlite::write(&mut self.conn, w) {
             Ok((outcome, publish)) => {
                 for p in publish {
                     p.send(&self.hub);
@@ -540,37 +395,6 @@ fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
         frames("RESTART")?;
     }
     Ok(())
-}
-
-/// Encodes a committed request's events for the hub.
-pub(super) fn encode(req: &WriteRequest, key: i64, epoch: &str, first_seq: u64) -> Option<Batch> {
-    match &req.op {
-        WriteOp::Append(events) => Some(Batch::encode(
-            key,
-            epoch,
-            first_seq,
-            events
-                .iter()
-                .map(|e| (e.event_type.as_str(), e.data.as_str())),
-            false,
-        )),
-        WriteOp::End { data, .. } => Some(Batch::encode(
-            key,
-            epoch,
-            first_seq,
-            [(END_EVENT, data.as_str())],
-            true,
-        )),
-        WriteOp::Create | WriteOp::Delete => None,
-    }
-}
-
-pub(super) fn size_of(req: &WriteRequest) -> (usize, usize) {
-    match &req.op {
-        WriteOp::Append(events) => (events.len(), events.iter().map(|e| e.data.len()).sum()),
-        WriteOp::End { data, .. } => (1, data.len()),
-        WriteOp::Create | WriteOp::Delete => (1, 0),
-    }
 }
 
 fn lookup(conn: &Connection, stream: &str) -> rusqlite::Result<Option<StreamMeta>> {

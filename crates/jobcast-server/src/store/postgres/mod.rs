@@ -1,0 +1,406 @@
+//! PostgreSQL backend: several nodes on one database.
+//!
+//! Writes go through one writer task per node that commits whatever is
+//! queued as one transaction (group commit, as in SQLite). Seqs are dense per
+//! stream across nodes because each append locks its stream's row
+//! (`SELECT … FOR UPDATE`) and advances `head` inside the transaction, so
+//! per stream commit order is seq order. A group locks its streams in id
+//! order — the same order on every node — so two nodes' groups cannot
+//! deadlock; a deadlock or serialization failure is retried anyway.
+//!
+//! Every committed change NOTIFYs a small wake-up (`"{stream} {epoch}
+//! {first} {last}"`, or `"{stream}"` for a creation or deletion) in the same
+//! transaction. Each node holds one listener connection; on a wake-up for a
+//! stream watched here it reads the new events from the table (one read per
+//! stream, not one per watcher) and publishes them to its hub, which drops
+//! what it already has. When the listener connection is lost, every watched
+//! stream is re-synced from the store once it is back.
+
+mod listener;
+mod reads;
+mod writer;
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jobcast_protocol::StreamState;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, QueryBuilder, Row};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{ListQuery, Page, StoreError, StreamMeta, WriteOutcome, WriteRequest};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::store::group::{PingReply, Reply, Retention};
+use listener::Listener;
+use reads::read_page;
+use writer::Writer;
+
+/// A store page stops after this many bytes of data (and at least one event).
+pub(super) const PAGE_BYTES: usize = super::PAGE_BYTES;
+/// The NOTIFY channel every node listens on.
+pub(super) const CHANNEL: &str = "jobcast";
+/// `application_name` of the listener connection (operators can find it in pg_stat_activity).
+const LISTENER_NAME: &str = "jobcast-listener";
+/// `application_name` of the pool's connections.
+const POOL_NAME: &str = "jobcast";
+/// A group is tried this many times when PostgreSQL reports a deadlock or a
+/// serialization failure.
+pub(super) const MAX_ATTEMPTS: u32 = 5;
+/// How often an idle writer looks at housekeeping.
+pub(super) const TICK: Duration = Duration::from_millis(50);
+/// Pause between purge steps, so purging never hogs the writer.
+pub(super) const PURGE_EVERY: Duration = Duration::from_millis(50);
+/// The listener checks its connection this often (a silently dead link
+/// would otherwise lose wake-ups unnoticed).
+pub(super) const LISTENER_PING: Duration = Duration::from_secs(10);
+/// Most pages read to catch up on one wake-up; watchers read the rest themselves.
+pub(super) const CATCH_UP_PAGES: usize = 8;
+
+/// What the writer task is sent.
+#[derive(Debug)]
+pub(super) enum Cmd {
+    Write(WriteRequest, Reply),
+    /// Readiness: answer from the writer task after a `SELECT 1`.
+    Ping(PingReply),
+    /// Commit what is queued before this, then stop.
+    Stop,
+}
+
+/// The PostgreSQL store: a handle to the writer task and the pool.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Bounded: producers wait for room rather than queueing without limit.
+    tx: mpsc::Sender<Cmd>,
+    pool: PgPool,
+    /// Stops the listener task.
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    /// Completed by the writer task when it has stopped.
+    done: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
+    metrics: Metrics,
+    /// The NOTIFY queue's usage as the listener last saw it (f64 bits).
+    queue_usage: Arc<AtomicU64>,
+    /// The hub, for Durable Streams writes (which commit outside the writer task).
+    hub: Hub,
+}
+
+/// NOTIFY queue usage (0..1) from which /readyz answers 503: past it every
+/// node's commits are close to failing.
+const NOTIFY_QUEUE_NOT_READY: f64 = 0.5;
+
+pub(super) const META_COLUMNS: &str =
+    "key, id, epoch, state, head, first_seq, created_at, updated_at";
+
+pub(super) fn meta_from_row(row: &PgRow) -> Result<StreamMeta, sqlx::Error> {
+    let state: String = row.try_get("state")?;
+    Ok(StreamMeta {
+        key: row.try_get("key")?,
+        id: row.try_get("id")?,
+        epoch: row.try_get("epoch")?,
+        state: StreamState::parse(&state).ok_or_else(|| sqlx::Error::ColumnDecode {
+            index: "state".into(),
+            source: format!("unknown state {state:?}").into(),
+        })?,
+        head: row.try_get::<i64, _>("head")? as u64,
+        first_seq: row.try_get::<i64, _>("first_seq")? as u64,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// Event data is stored as bytes: PostgreSQL text cannot hold NUL, which
+/// valid JSON strings may contain (`"\u0000"`).
+pub(super) fn data_from_row(row: &PgRow) -> Result<String, sqlx::Error> {
+    let bytes: Vec<u8> = row.try_get("data")?;
+    String::from_utf8(bytes).map_err(|e| sqlx::Error::ColumnDecode {
+        index: "data".into(),
+        source: Box::new(e),
+    })
+}
+
+pub(super) fn seq(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+impl PgStore {
+    /// Connects, migrates (safe with several nodes starting at once: sqlx
+    /// takes an advisory lock) and starts the writer and listener tasks.
+    pub async fn open(config: &Config, hub: Hub, metrics: Metrics) -> Result<PgStore, StoreError> {
+        let opts = PgConnectOptions::from_str(&config.db)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.pg_pool_size.max(2))
+            .min_connections(1)
+            .acquire_timeout(config.busy_timeout)
+            .connect_with(opts.clone().application_name(POOL_NAME))
+            .await?;
+        sqlx::migrate!("./migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(StoreError::Migrate)?;
+        let retention = Retention::from_config(config);
+        let (tx, rx) = mpsc::channel(4096);
+        let (done_tx, done_rx) = oneshot::channel();
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let writer = Writer {
+            pool: pool.clone(),
+            hub: hub.clone(),
+            retention,
+            purge_pending: true,
+            next_sweep: Instant::now(),
+            next_purge: Instant::now(),
+        };
+        // The one writer of this node; stopped by Cmd::Stop after what is queued.
+        tasks.spawn(async move {
+            writer.run(rx).await;
+            let _ = done_tx.send(());
+        });
+        let queue_usage = Arc::new(AtomicU64::new(0f64.to_bits()));
+        let listener = Listener {
+            opts: opts.application_name(LISTENER_NAME),
+            pool: pool.clone(),
+            hub: hub.clone(),
+            page_size: config.page_size,
+            connect_timeout: config.busy_timeout,
+            metrics: metrics.clone(),
+            queue_usage: queue_usage.clone(),
+        };
+        // Feeds this node's hub with what other nodes (and this one) commit.
+        let stopped = stop.clone();
+        tasks.spawn(async move { listener.run(stopped).await });
+        tasks.close();
+        Ok(PgStore {
+            inner: Arc::new(Inner {
+                tx,
+                pool,
+                stop,
+                tasks,
+                done: tokio::sync::Mutex::new(Some(done_rx)),
+                metrics,
+                queue_usage,
+                hub,
+            }),
+        })
+    }
+
+    pub(super) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub(super) async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
+        crate::store::group::submit(&self.inner.tx, req, Cmd::Write).await
+    }
+
+    pub(super) async fn ds_write(
+        &self,
+        w: super::ds::DsWrite,
+    ) -> Result<super::ds::DsOutcome, StoreError> {
+        super::ds::postgres::write(&self.inner.pool, &self.inner.hub, w).await
+    }
+
+    pub(super) async fn ds_read(
+        &self,
+        stream: &str,
+        after: Option<u64>,
+        max_bytes: usize,
+    ) -> Result<Option<super::ds::DsPage>, StoreError> {
+        super::ds::postgres::read(&self.inner.pool, stream, after, max_bytes).await
+    }
+
+    pub(super) async fn meta(&self, stream: &str) -> Result<Option<StreamMeta>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {META_COLUMNS} FROM streams WHERE id = $1"))
+            .bind(stream)
+            .fetch_optional(&self.inner.pool)
+            .await?;
+        Ok(row.as_ref().map(meta_from_row).transpose()?)
+    }
+
+    pub(super) async fn read(
+        &self,
+        stream: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Option<Page>, StoreError> {
+        Ok(read_page(&self.inner.pool, stream, after, limit).await?)
+    }
+
+    pub(super) async fn list(&self, q: &ListQuery) -> Result<Vec<StreamMeta>, StoreError> {
+        let mut qb =
+            QueryBuilder::<Postgres>::new(format!("SELECT {META_COLUMNS} FROM streams WHERE true"));
+        super::push_list_query(&mut qb, q);
+        let rows = qb.build().fetch_all(&self.inner.pool).await?;
+        Ok(rows.iter().map(meta_from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// The pool and the writer task both answer.
+    pub(super) async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.inner.pool).await?;
+        // A NOTIFY queue near full makes every node's commits fail: not ready.
+        let usage = f64::from_bits(self.inner.queue_usage.load(Ordering::Relaxed));
+        if usage >= NOTIFY_QUEUE_NOT_READY {
+            return Err(StoreError::Unavailable(
+                format!("the PostgreSQL NOTIFY queue is {:.0}% full", usage * 100.0).into(),
+            ));
+        }
+        crate::store::group::ping(&self.inner.tx, Cmd::Ping).await
+    }
+
+    #[cfg(feature = "test-util")]
+    pub(super) async fn stop_writer(&self) {
+        let _ = self.inner.tx.send(Cmd::Stop).await;
+        if let Some(done) = self.inner.done.lock().await.take() {
+            let _ = done.await;
+        }
+    }
+
+    pub(super) async fn close(&self) {
+        // Queued writes before the stop are committed and answered first.
+        let _ = self.inner.tx.send(Cmd::Stop).await;
+        if let Some(done) = self.inner.done.lock().await.take() {
+            let _ = done.await;
+        }
+        self.inner.stop.cancel();
+        self.inner.tasks.wait().await;
+        self.inner.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::group::SWEEP_KEYS;
+    use sqlx::postgres::PgConnection;
+    use sqlx::{Connection as _, Executor as _};
+
+    const CHUNK: i64 = SWEEP_KEYS;
+
+    fn server() -> String {
+        std::env::var("JOBCAST_TEST_PG")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    }
+
+    /// A fresh database on `JOBCAST_TEST_PG` (default: the local server),
+    /// dropped with its connections when this is dropped.
+    struct Database(String);
+
+    impl Database {
+        /// Creates and migrates it; a pool on it.
+        async fn create() -> (Database, PgPool) {
+            let name = format!("jobcast_u_{:016x}", rand::random::<u64>());
+            let mut admin = PgConnection::connect(&format!("{}/postgres", server()))
+                .await
+                .expect("PostgreSQL must run for these tests (scripts/test starts it)");
+            admin
+                .execute(format!("CREATE DATABASE {name}").as_str())
+                .await
+                .unwrap();
+            admin.close().await.unwrap();
+            let db = Database(name);
+            let pool = PgPool::connect(&format!("{}/{}", server(), db.0))
+                .await
+                .unwrap();
+            sqlx::migrate!("./migrations/postgres")
+                .run(&pool)
+                .await
+                .unwrap();
+            (db, pool)
+        }
+    }
+
+    impl Drop for Database {
+        fn drop(&mut self) {
+            let name = self.0.clone();
+            // Drop runs inside the test's runtime: a thread with its own.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    if let Ok(mut admin) =
+                        PgConnection::connect(&format!("{}/postgres", server())).await
+                    {
+                        let _ = admin
+                            .execute(
+                                format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str(),
+                            )
+                            .await;
+                    }
+                })
+            })
+            .join();
+        }
+    }
+
+    /// Expired keys go in bounded chunks, one per transaction, and the next
+    /// chunk follows soon after (not a whole retention interval later).
+    #[tokio::test]
+    async fn expired_keys_are_deleted_in_chunks() {
+        let (_db, pool) = Database::create().await;
+        let expired = 2 * CHUNK + 2000;
+        sqlx::query(
+            "INSERT INTO idempotency (stream_key, key, hash, status, body, created_at) \
+             SELECT 1, 'old-' || i, '\\x00'::bytea, 201, '{}', 0 FROM generate_series(1, $1) AS i \
+             UNION ALL \
+             SELECT 1, 'new-' || i, '\\x00'::bytea, 201, '{}', $2 FROM generate_series(1, 10) AS i",
+        )
+        .bind(expired)
+        .bind(crate::time::now_ms())
+        .execute(&pool)
+        .await
+        .unwrap();
+        let mut w = Writer {
+            pool: pool.clone(),
+            hub: Hub::new(1 << 20),
+            retention: Retention {
+                ttl_ms: 3_600_000,
+                max_events: None,
+                idempotency_ttl_ms: 3_600_000,
+                interval: Duration::from_secs(3600),
+            },
+            purge_pending: false,
+            next_sweep: Instant::now(),
+            next_purge: Instant::now(),
+        };
+        let count = || async {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM idempotency")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        };
+        // The first sweep is due at once and takes one chunk.
+        w.housekeeping().await;
+        assert_eq!(count().await, expired + 10 - CHUNK);
+        // The rest follows chunk by chunk, within the hour-long interval.
+        let mut chunks = 1;
+        let mut last = count().await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while last > 10 {
+            assert!(
+                Instant::now() < deadline,
+                "the sweep stopped with {last} keys left"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            w.housekeeping().await;
+            let n = count().await;
+            if n != last {
+                chunks += 1;
+                assert!(last - n <= CHUNK, "one step deleted {} keys", last - n);
+                last = n;
+            }
+        }
+        assert_eq!(chunks, 3);
+        assert_eq!(count().await, 10, "fresh keys are kept");
+    }
+}
