@@ -179,10 +179,12 @@ fn sse_base64(content_type: &str) -> bool {
 }
 
 /// The JSON text of one message of a stream: DS JSON streams store JSON
-/// text; a jobcast stream's event data is JSON when it parses, else a string.
-fn json_message(meta: &DsMeta, data: &[u8]) -> String {
+/// text; event data appended through jobcast's API is JSON when it parses
+/// as JSON, else a JSON string.
+fn json_message(data: &[u8]) -> String {
     let text = String::from_utf8_lossy(data);
-    if !meta.native || serde_json::from_str::<&serde_json::value::RawValue>(&text).is_ok() {
+    // Also for DS streams: jobcast's API may append plain text to them.
+    if serde_json::from_str::<&serde_json::value::RawValue>(&text).is_ok() {
         text.into_owned()
     } else {
         serde_json::Value::String(text.into_owned()).to_string()
@@ -197,7 +199,7 @@ fn body_of(meta: &DsMeta, messages: &[(u64, Vec<u8>)]) -> Vec<u8> {
             if i > 0 {
                 out.push(',');
             }
-            out.push_str(&json_message(meta, m));
+            out.push_str(&json_message(m));
         }
         out.push(']');
         out.into_bytes()

@@ -192,7 +192,7 @@ pub(crate) async fn get(
             if sse {
                 Ok(self::sse(state, id, meta, from, q.cursor))
             } else {
-                long_poll(&state, &id, from, q.cursor.as_deref(), start == Start::Now).await
+                long_poll(&state, &id, from, q.cursor.as_deref()).await
             }
         }
     }
@@ -308,20 +308,17 @@ async fn long_poll(
     id: &str,
     from: u64,
     cursor: Option<&str>,
-    now: bool,
 ) -> Result<Response, ApiError> {
     let sub = state.hub.subscribe(id);
     let entry = sub.entry();
     let deadline = tokio::time::Instant::now() + state.config.ds_long_poll;
     let cursor = offset::cursor(crate::time::now_ms(), cursor, jitter());
-    let mut first = true;
     loop {
         let notified = entry.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
         let page = page(state, id, from).await?;
-        // `now` waits even when data exists past the position it named.
-        if !page.messages.is_empty() && !(now && first) {
+        if !page.messages.is_empty() {
             let (mut res, _, _) = data_response(&page, from);
             let h = res.headers_mut();
             set(h, "stream-cursor", &cursor);
@@ -332,7 +329,6 @@ async fn long_poll(
             );
             return Ok(res);
         }
-        first = false;
         let closed_at_tail = page.meta.closed && from >= page.meta.tail;
         let timed_out = tokio::time::Instant::now() >= deadline;
         if closed_at_tail || timed_out || state.shutdown.is_cancelled() {
