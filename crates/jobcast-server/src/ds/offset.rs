@@ -31,7 +31,12 @@ pub fn parse(s: &str) -> Option<Start> {
         _ => {}
     }
     let (k, q) = s.split_once('_')?;
-    if k.len() < 16 || q.len() < 16 || !k.bytes().chain(q.bytes()).all(|b| b.is_ascii_digit()) {
+    // Exactly as encoded: 16 digits, or more only without a leading zero.
+    let canonical = |f: &str| {
+        (f.len() == 16 || (f.len() > 16 && !f.starts_with('0')))
+            && f.bytes().all(|b| b.is_ascii_digit())
+    };
+    if !canonical(k) || !canonical(q) {
         return None;
     }
     match (k.parse().ok()?, q.parse().ok()?) {
