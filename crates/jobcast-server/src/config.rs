@@ -70,6 +70,10 @@ pub struct Config {
     pub lean_sse: bool,
     /// PostgreSQL connections per node for reads and writes (plus one listener).
     pub pg_pool_size: u32,
+    /// PostgreSQL writer connections per node: streams are spread over them
+    /// by a hash of their id, so groups of different streams commit in
+    /// parallel (each holds one pool connection while it commits).
+    pub pg_writers: usize,
     /// How tokens are verified; None: no authentication (only sensible on
     /// a loopback address — the binary refuses anything else without
     /// `--insecure-no-auth`).
@@ -129,6 +133,7 @@ impl Default for Config {
             busy_timeout: Duration::from_secs(5),
             lean_sse: true,
             pg_pool_size: 16,
+            pg_writers: 4,
             auth: None,
             auth_cookie: "jobcast_token".into(),
             cors_origins: Vec::new(),
@@ -173,6 +178,7 @@ impl std::fmt::Debug for Config {
             busy_timeout,
             lean_sse,
             pg_pool_size,
+            pg_writers,
             auth,
             auth_cookie,
             cors_origins,
@@ -211,6 +217,7 @@ impl std::fmt::Debug for Config {
             .field("busy_timeout", busy_timeout)
             .field("lean_sse", lean_sse)
             .field("pg_pool_size", pg_pool_size)
+            .field("pg_writers", pg_writers)
             .field("auth", auth)
             .field("auth_cookie", auth_cookie)
             .field("cors_origins", cors_origins)

@@ -145,6 +145,10 @@ struct ServeArgs {
     /// PostgreSQL connections per node for reads and writes (plus one listener).
     #[arg(long, env = "JOBCAST_PG_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..))]
     pg_pool_size: u32,
+    /// PostgreSQL writer connections per node (streams spread over them by
+    /// a hash of their id; each uses one pool connection while committing).
+    #[arg(long, env = "JOBCAST_PG_WRITERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pg_writers: u16,
     /// Largest request body, in bytes.
     #[arg(long, env = "JOBCAST_MAX_BODY_BYTES", default_value_t = 16 << 20, value_parser = clap::value_parser!(usize))]
     max_body_bytes: usize,
@@ -328,6 +332,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         store_retry_limit: args.store_retry_limit,
         shutdown_grace: args.shutdown_grace,
         pg_pool_size: args.pg_pool_size,
+        pg_writers: usize::from(args.pg_writers),
         max_body_bytes: args.max_body_bytes,
         max_batch: args.max_batch,
         max_connections: fit_open_files(args.max_connections),

@@ -2,13 +2,16 @@
 //! answered, what retention keeps, and what is published to the hub after
 //! COMMIT.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use jobcast_protocol::END_EVENT;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{StoreError, WriteOp, WriteOutcome, WriteRequest};
+use super::{
+    append_response_body, Refusal, StoreError, StreamMeta, WriteOp, WriteOutcome, WriteRequest,
+};
 use crate::hub::{Batch, Hub};
 
 /// Most events committed in one transaction (a group never waits to fill).
@@ -91,6 +94,7 @@ impl Retention {
 }
 
 /// What to tell the hub once the transaction committed (shared by the backends).
+#[derive(Debug)]
 pub(super) enum Publish {
     /// The events of request `index` of the group were committed.
     Events {
@@ -109,10 +113,11 @@ pub(super) enum Publish {
 
 /// After COMMIT: publishes the committed batches to the hub (before
 /// answering, so a producer that went away cannot leave watchers without
-/// its batch), then answers every request. Whether a stream was deleted.
+/// its batch), then answers every request of the transaction. Whether a
+/// stream was deleted.
 pub(super) fn publish_and_answer(
     hub: &Hub,
-    group: &mut Vec<(WriteRequest, Reply)>,
+    group: Vec<(WriteRequest, Reply)>,
     outcomes: Vec<WriteOutcome>,
     publish: Vec<Publish>,
 ) -> bool {
@@ -145,17 +150,17 @@ pub(super) fn publish_and_answer(
             },
         }
     }
-    for ((_, reply), outcome) in group.drain(..).zip(outcomes) {
+    for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
         let _ = reply.send(Ok(outcome));
     }
     deleted_any
 }
 
-/// A group that could not be committed: every request gets the error.
-pub(super) fn fail_group(group: &mut Vec<(WriteRequest, Reply)>, e: &dyn std::fmt::Display) {
+/// A transaction that could not be committed: each of its requests gets the error.
+pub(super) fn fail_group(group: Vec<(WriteRequest, Reply)>, e: &dyn std::fmt::Display) {
     tracing::error!(error = %e, writes = group.len(), "store write failed; nothing was committed");
     let message = e.to_string();
-    for (_, reply) in group.drain(..) {
+    for (_, reply) in group {
         let _ = reply.send(Err(StoreError::Unavailable(message.clone().into())));
     }
 }
@@ -188,5 +193,571 @@ pub(super) fn size_of(req: &WriteRequest) -> (usize, usize) {
         WriteOp::Append(events) => (events.len(), events.iter().map(|e| e.data.len()).sum()),
         WriteOp::End { data, .. } => (1, data.len()),
         WriteOp::Create | WriteOp::Delete => (1, 0),
+    }
+}
+
+/// How many requests at the front of `group` can share one transaction:
+/// all of them, unless a request would create a stream that an earlier one
+/// of the group deleted or found missing (ended or deleted it, or was
+/// refused because it did not exist). The transaction's read phase creates
+/// missing streams up front, so such a request starts the next transaction.
+pub(super) fn cut(group: &[(WriteRequest, Reply)]) -> usize {
+    // Per stream: whether the group's first request on it creates it when
+    // missing, and whether an earlier request deleted it.
+    let mut seen: HashMap<&str, (bool, bool)> = HashMap::new();
+    for (i, (req, _)) in group.iter().enumerate() {
+        let creates = matches!(req.op, WriteOp::Create | WriteOp::Append(_));
+        match seen.get_mut(req.stream.as_str()) {
+            None => {
+                seen.insert(&req.stream, (creates, matches!(req.op, WriteOp::Delete)));
+            }
+            Some((first_creates, deleted)) => {
+                if creates && (*deleted || !*first_creates) {
+                    return i;
+                }
+                *deleted |= matches!(req.op, WriteOp::Delete);
+            }
+        }
+    }
+    group.len()
+}
+
+/// What a transaction reads before deciding: every stream its requests name
+/// (in id order, the lock order on every node), whether a missing one is to
+/// be created, and the Idempotency-Keys the requests carry.
+#[derive(Debug, Default)]
+pub(super) struct Wanted<'a> {
+    /// Stream ids, sorted, each once, with "create it when missing".
+    pub(super) streams: Vec<(&'a str, bool)>,
+    /// `(stream id, key)` of every request with an Idempotency-Key.
+    pub(super) keys: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Wanted<'a> {
+    /// What the requests of one transaction (a [`cut`] of a group) need.
+    pub(super) fn of(group: &'a [(WriteRequest, Reply)]) -> Wanted<'a> {
+        let mut streams: Vec<(&str, bool)> = Vec::with_capacity(group.len());
+        let mut index: HashMap<&str, ()> = HashMap::with_capacity(group.len());
+        let mut keys = Vec::new();
+        for (req, _) in group {
+            if index.insert(&req.stream, ()).is_none() {
+                let creates = matches!(req.op, WriteOp::Create | WriteOp::Append(_));
+                streams.push((&req.stream, creates));
+            }
+            if let Some(idem) = &req.idempotency {
+                keys.push((req.stream.as_str(), idem.key.as_str()));
+            }
+        }
+        streams.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        Wanted { streams, keys }
+    }
+}
+
+/// An answer remembered under an Idempotency-Key.
+#[derive(Debug, Clone)]
+pub(super) struct Remembered {
+    /// SHA-256 of the request it answered.
+    pub(super) hash: Vec<u8>,
+    /// Its HTTP status.
+    pub(super) status: u16,
+    /// Its body.
+    pub(super) body: String,
+}
+
+/// What a transaction's read phase found, its rows locked until it ends.
+#[derive(Debug, Default)]
+pub(super) struct Found {
+    /// Each wanted stream that exists (or was just created: `true`).
+    pub(super) streams: HashMap<String, (StreamMeta, bool)>,
+    /// Remembered answers by `(stream key, Idempotency-Key)`.
+    pub(super) keys: HashMap<(i64, String), Remembered>,
+}
+
+/// One event row to insert.
+#[derive(Debug)]
+pub(super) struct EventRow<'a> {
+    pub(super) key: i64,
+    pub(super) seq: u64,
+    pub(super) event_type: &'a str,
+    pub(super) data: &'a str,
+    pub(super) time: i64,
+}
+
+/// One remembered answer to insert.
+#[derive(Debug)]
+pub(super) struct KeyRow<'a> {
+    pub(super) stream_key: i64,
+    pub(super) key: &'a str,
+    pub(super) hash: &'a [u8; 32],
+    pub(super) status: u16,
+    pub(super) body: String,
+    pub(super) time: i64,
+}
+
+/// Everything one transaction writes, decided by [`decide`] from what its
+/// read phase found. Each backend executes it its own way (SQLite row by
+/// row in process, PostgreSQL in one set-based statement).
+#[derive(Debug, Default)]
+pub(super) struct Plan<'a> {
+    /// New events (those a trim of the same transaction would remove are left out).
+    pub(super) events: Vec<EventRow<'a>>,
+    /// The final row of every stream whose head, state or first seq moved
+    /// (never a deleted one).
+    pub(super) streams: Vec<StreamMeta>,
+    /// `(stream key, first kept seq)`: older stored events are deleted.
+    pub(super) trims: Vec<(i64, u64)>,
+    /// Answers to remember.
+    pub(super) keys: Vec<KeyRow<'a>>,
+    /// Keys of streams to delete (their events are purged later).
+    pub(super) deletes: Vec<i64>,
+    /// One outcome per request, in order.
+    pub(super) outcomes: Vec<WriteOutcome>,
+    /// What to tell the hub after COMMIT, in order.
+    pub(super) publish: Vec<Publish>,
+}
+
+/// A stream as the transaction goes.
+struct Current {
+    meta: StreamMeta,
+    /// Its first seq when read (trims compare against it).
+    read_first: u64,
+    /// Created by this transaction's read phase, and no request used it yet
+    /// (the first request on a created stream is the one that created it).
+    fresh: bool,
+    /// Its row must be written back.
+    dirty: bool,
+}
+
+/// Decides every request of one transaction (a [`cut`] of a group) in
+/// order, from what the read phase found. A refusal is decided before
+/// anything is written for that request, so it changes nothing. Written
+/// once for both backends.
+pub(super) fn decide<'a>(
+    group: &'a [(WriteRequest, Reply)],
+    found: Found,
+    hub: &Hub,
+    max_events: Option<u64>,
+) -> Plan<'a> {
+    let mut plan = Plan::default();
+    let mut current: HashMap<&str, Option<Current>> = HashMap::with_capacity(group.len());
+    let mut streams = found.streams;
+    let mut remembered = found.keys;
+    for (index, (req, _)) in group.iter().enumerate() {
+        let entry = current.entry(req.stream.as_str()).or_insert_with(|| {
+            streams.remove(&req.stream).map(|(meta, created)| Current {
+                read_first: meta.first_seq,
+                meta,
+                fresh: created,
+                dirty: false,
+            })
+        });
+        let fresh = entry.as_mut().is_some_and(|c| std::mem::take(&mut c.fresh));
+        if fresh {
+            plan.publish.push(Publish::Changed {
+                stream: req.stream.clone(),
+                deleted: None,
+            });
+        }
+        let outcome = match (&req.op, entry.as_mut()) {
+            // The read phase created every stream a Create or Append needs.
+            (_, None) => WriteOutcome::Refused(Refusal::NotFound),
+            (WriteOp::Create, Some(c)) => WriteOutcome::Created {
+                created: fresh,
+                meta: c.meta.clone(),
+            },
+            (WriteOp::Delete, Some(c)) => {
+                plan.deletes.push(c.meta.key);
+                plan.publish.push(Publish::Changed {
+                    stream: req.stream.clone(),
+                    deleted: Some(c.meta.key),
+                });
+                *entry = None;
+                WriteOutcome::Deleted
+            }
+            (WriteOp::Append(events), Some(c)) => {
+                if let Some(replay) = replay(&remembered, c, req) {
+                    replay
+                } else if c.meta.ended() {
+                    WriteOutcome::Refused(Refusal::StreamEnded)
+                } else {
+                    let first_seq = c.meta.head + 1;
+                    let last_seq = c.meta.head + events.len() as u64;
+                    let time = crate::time::now_ms();
+                    plan.events
+                        .extend(events.iter().enumerate().map(|(i, e)| EventRow {
+                            key: c.meta.key,
+                            seq: first_seq + i as u64,
+                            event_type: &e.event_type,
+                            data: &e.data,
+                            time,
+                        }));
+                    c.meta.head = last_seq;
+                    c.meta.updated_at = time;
+                    if let Some(max) = max_events {
+                        c.meta.first_seq = c.meta.first_seq.max((last_seq + 1).saturating_sub(max));
+                    }
+                    c.dirty = true;
+                    let body = append_response_body(&c.meta.epoch, first_seq, last_seq);
+                    remember(&mut plan, &mut remembered, c, req, 201, body, time);
+                    plan.publish.push(Publish::Events {
+                        index,
+                        key: c.meta.key,
+                        epoch: c.meta.epoch.clone(),
+                        first_seq,
+                        last_seq,
+                    });
+                    WriteOutcome::Appended {
+                        epoch: c.meta.epoch.clone(),
+                        first_seq,
+                        last_seq,
+                    }
+                }
+            }
+            (WriteOp::End { state, data }, Some(c)) => {
+                if let Some(replay) = replay(&remembered, c, req) {
+                    replay
+                } else if c.meta.ended() {
+                    WriteOutcome::Refused(Refusal::StreamEnded)
+                } else {
+                    let seq = c.meta.head + 1;
+                    let time = crate::time::now_ms();
+                    plan.events.push(EventRow {
+                        key: c.meta.key,
+                        seq,
+                        event_type: END_EVENT,
+                        data,
+                        time,
+                    });
+                    c.meta.head = seq;
+                    c.meta.state = *state;
+                    c.meta.updated_at = time;
+                    c.dirty = true;
+                    let body = serde_json::to_string(&c.meta.to_json(hub.watchers_of(&req.stream)))
+                        .unwrap_or_default();
+                    remember(&mut plan, &mut remembered, c, req, 200, body, time);
+                    plan.publish.push(Publish::Events {
+                        index,
+                        key: c.meta.key,
+                        epoch: c.meta.epoch.clone(),
+                        first_seq: seq,
+                        last_seq: seq,
+                    });
+                    WriteOutcome::Ended {
+                        meta: c.meta.clone(),
+                    }
+                }
+            }
+        };
+        plan.outcomes.push(outcome);
+    }
+    // Final rows; events a trim removes again are not inserted at all.
+    let mut kept_from: HashMap<i64, u64> = HashMap::new();
+    for c in current.into_values().flatten() {
+        if c.meta.first_seq > c.read_first {
+            plan.trims.push((c.meta.key, c.meta.first_seq));
+            kept_from.insert(c.meta.key, c.meta.first_seq);
+        }
+        if c.dirty {
+            plan.streams.push(c.meta);
+        }
+    }
+    let deleted: std::collections::HashSet<i64> = plan.deletes.iter().copied().collect();
+    plan.events.retain(|e| {
+        !deleted.contains(&e.key) && kept_from.get(&e.key).is_none_or(|&first| e.seq >= first)
+    });
+    plan
+}
+
+/// A previous answer to the same Idempotency-Key (read, or remembered by
+/// an earlier request of this transaction), or a refusal when the key came
+/// with another request.
+fn replay(
+    remembered: &HashMap<(i64, String), Remembered>,
+    c: &Current,
+    req: &WriteRequest,
+) -> Option<WriteOutcome> {
+    let idem = req.idempotency.as_ref()?;
+    let r = remembered.get(&(c.meta.key, idem.key.clone()))?;
+    Some(if r.hash[..] != idem.hash[..] {
+        WriteOutcome::Refused(Refusal::IdempotencyKeyReused)
+    } else {
+        WriteOutcome::Replayed {
+            status: r.status,
+            body: r.body.clone(),
+        }
+    })
+}
+
+/// Remembers a request's answer under its Idempotency-Key, if it has one.
+fn remember<'a>(
+    plan: &mut Plan<'a>,
+    remembered: &mut HashMap<(i64, String), Remembered>,
+    c: &Current,
+    req: &'a WriteRequest,
+    status: u16,
+    body: String,
+    time: i64,
+) {
+    let Some(idem) = &req.idempotency else {
+        return;
+    };
+    remembered.insert(
+        (c.meta.key, idem.key.clone()),
+        Remembered {
+            hash: idem.hash.to_vec(),
+            status,
+            body: body.clone(),
+        },
+    );
+    plan.keys.push(KeyRow {
+        stream_key: c.meta.key,
+        key: &idem.key,
+        hash: &idem.hash,
+        status,
+        body,
+        time,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{IdempotencyKey, NewEvent};
+    use jobcast_protocol::StreamState;
+
+    fn req(stream: &str, op: WriteOp, key: Option<(&str, u8)>) -> (WriteRequest, Reply) {
+        let (reply, _) = oneshot::channel();
+        let idempotency = key.map(|(k, h)| IdempotencyKey {
+            key: k.into(),
+            hash: [h; 32],
+        });
+        (
+            WriteRequest {
+                stream: stream.into(),
+                op,
+                idempotency,
+            },
+            reply,
+        )
+    }
+
+    fn append(n: usize) -> WriteOp {
+        WriteOp::Append(
+            (0..n)
+                .map(|i| NewEvent {
+                    event_type: "message".into(),
+                    data: format!("{i}"),
+                })
+                .collect(),
+        )
+    }
+
+    fn end() -> WriteOp {
+        WriteOp::End {
+            state: StreamState::Completed,
+            data: "{}".into(),
+        }
+    }
+
+    fn meta(id: &str, key: i64, head: u64) -> StreamMeta {
+        StreamMeta {
+            key,
+            id: id.into(),
+            epoch: format!("e{key}"),
+            state: StreamState::Open,
+            head,
+            first_seq: 1,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    fn found(rows: &[(StreamMeta, bool)]) -> Found {
+        Found {
+            streams: rows.iter().map(|r| (r.0.id.clone(), r.clone())).collect(),
+            keys: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_recreation_starts_the_next_transaction() {
+        let g = [
+            req("a", append(1), None),
+            req("b", end(), None),
+            req("a", WriteOp::Delete, None),
+            req("c", append(1), None),
+            req("a", append(1), None),
+        ];
+        assert_eq!(cut(&g), 4, "the append after the delete of a waits");
+        // End on a (maybe missing) stream, then an append that may create it.
+        let g = [req("b", end(), None), req("b", append(1), None)];
+        assert_eq!(cut(&g), 1);
+        let g = [req("b", append(1), None), req("b", end(), None)];
+        assert_eq!(cut(&g), 2);
+        let w = Wanted::of(&g[..]);
+        assert_eq!(w.streams, vec![("b", true)]);
+    }
+
+    #[test]
+    fn wanted_streams_are_sorted_once_with_their_keys() {
+        let g = [
+            req("z", append(1), Some(("k1", 1))),
+            req("a", end(), Some(("k2", 2))),
+            req("z", append(1), None),
+        ];
+        let w = Wanted::of(&g[..]);
+        assert_eq!(w.streams, vec![("a", false), ("z", true)]);
+        assert_eq!(w.keys, vec![("z", "k1"), ("a", "k2")]);
+    }
+
+    #[test]
+    fn requests_of_one_stream_build_on_each_other() {
+        let g = [
+            req("s", append(2), Some(("k", 7))),
+            req("s", append(1), Some(("k", 7))),
+            req("s", append(1), Some(("k", 8))),
+            req("s", append(3), None),
+            req("s", WriteOp::Create, None),
+            req("s", end(), None),
+            req("s", append(1), None),
+        ];
+        let plan = decide(
+            &g,
+            found(&[(meta("s", 5, 10), false)]),
+            &Hub::new(1 << 20),
+            None,
+        );
+        let seqs: Vec<u64> = plan.events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![11, 12, 13, 14, 15, 16]);
+        assert!(matches!(
+            plan.outcomes[0],
+            WriteOutcome::Appended {
+                first_seq: 11,
+                last_seq: 12,
+                ..
+            }
+        ));
+        // The same key and request within the transaction: the first answer.
+        assert!(matches!(
+            &plan.outcomes[1],
+            WriteOutcome::Replayed { status: 201, .. }
+        ));
+        assert!(matches!(
+            plan.outcomes[2],
+            WriteOutcome::Refused(Refusal::IdempotencyKeyReused)
+        ));
+        assert!(matches!(
+            plan.outcomes[4],
+            WriteOutcome::Created { created: false, .. }
+        ));
+        assert!(matches!(&plan.outcomes[5], WriteOutcome::Ended { meta } if meta.head == 16));
+        assert!(matches!(
+            plan.outcomes[6],
+            WriteOutcome::Refused(Refusal::StreamEnded)
+        ));
+        assert_eq!(plan.keys.len(), 1);
+        assert_eq!(plan.streams.len(), 1);
+        assert_eq!(
+            (plan.streams[0].head, plan.streams[0].state),
+            (16, StreamState::Completed)
+        );
+    }
+
+    #[test]
+    fn a_created_stream_is_announced_before_its_events() {
+        let g = [
+            req("n", WriteOp::Create, None),
+            req("n", WriteOp::Create, None),
+            req("n", append(1), None),
+        ];
+        let plan = decide(
+            &g,
+            found(&[(meta("n", 9, 0), true)]),
+            &Hub::new(1 << 20),
+            None,
+        );
+        assert!(matches!(
+            plan.outcomes[0],
+            WriteOutcome::Created { created: true, .. }
+        ));
+        assert!(matches!(
+            plan.outcomes[1],
+            WriteOutcome::Created { created: false, .. }
+        ));
+        assert!(matches!(
+            &plan.publish[..],
+            [
+                Publish::Changed { deleted: None, .. },
+                Publish::Events { index: 2, .. }
+            ]
+        ));
+    }
+
+    #[test]
+    fn missing_streams_are_not_found_and_deleted_ones_write_nothing() {
+        let g = [
+            req("gone", end(), None),
+            req("gone", WriteOp::Delete, None),
+            req("d", append(2), None),
+            req("d", WriteOp::Delete, None),
+            req("d", end(), None),
+        ];
+        let plan = decide(
+            &g,
+            found(&[(meta("d", 3, 0), false)]),
+            &Hub::new(1 << 20),
+            None,
+        );
+        assert!(matches!(
+            plan.outcomes[0],
+            WriteOutcome::Refused(Refusal::NotFound)
+        ));
+        assert!(matches!(
+            plan.outcomes[1],
+            WriteOutcome::Refused(Refusal::NotFound)
+        ));
+        assert!(matches!(plan.outcomes[3], WriteOutcome::Deleted));
+        assert!(matches!(
+            plan.outcomes[4],
+            WriteOutcome::Refused(Refusal::NotFound)
+        ));
+        assert_eq!(plan.deletes, vec![3]);
+        assert!(
+            plan.events.is_empty(),
+            "events of a deleted stream are not inserted"
+        );
+        assert!(plan.streams.is_empty(), "a deleted row is not updated");
+    }
+
+    #[test]
+    fn trimmed_events_are_never_inserted() {
+        let g = [req("t", append(5), None), req("t", append(4), None)];
+        let plan = decide(
+            &g,
+            found(&[(meta("t", 1, 3), false)]),
+            &Hub::new(1 << 20),
+            Some(3),
+        );
+        // Head 3 + 9 = 12; keep 10..=12.
+        let seqs: Vec<u64> = plan.events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![10, 11, 12]);
+        assert_eq!(plan.trims, vec![(1, 10)]);
+        assert_eq!(plan.streams[0].first_seq, 10);
+        // Watchers still get both batches whole.
+        assert!(matches!(
+            &plan.publish[..],
+            [
+                Publish::Events {
+                    first_seq: 4,
+                    last_seq: 8,
+                    ..
+                },
+                Publish::Events {
+                    first_seq: 9,
+                    last_seq: 12,
+                    ..
+                }
+            ]
+        ));
     }
 }

@@ -80,19 +80,29 @@ pub struct PgStore {
 
 #[derive(Debug)]
 struct Inner {
+    /// Each writer's queue; a stream always goes to the same writer.
     /// Bounded: producers wait for room rather than queueing without limit.
-    tx: mpsc::Sender<Cmd>,
+    writers: Vec<mpsc::Sender<Cmd>>,
     pool: PgPool,
     /// Stops the listener task.
     stop: CancellationToken,
     tasks: TaskTracker,
-    /// Completed by the writer task when it has stopped.
-    done: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
+    /// Completed by each writer task when it has stopped.
+    done: tokio::sync::Mutex<Vec<oneshot::Receiver<()>>>,
     metrics: Metrics,
     /// The NOTIFY queue's usage as the listener last saw it (f64 bits).
     queue_usage: Arc<AtomicU64>,
     /// The hub, for Durable Streams writes (which commit outside the writer task).
     hub: Hub,
+}
+
+/// The writer a stream's writes go to: a hash of its id (FNV-1a, stable
+/// across runs and nodes), so one stream's writes stay in order.
+fn writer_of(stream: &str, writers: usize) -> usize {
+    let hash = stream.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % writers.max(1) as u64) as usize
 }
 
 /// NOTIFY queue usage (0..1) from which /readyz answers 503: past it every
@@ -139,7 +149,8 @@ impl PgStore {
     pub async fn open(config: &Config, hub: Hub, metrics: Metrics) -> Result<PgStore, StoreError> {
         let opts = PgConnectOptions::from_str(&config.db)?;
         let pool = PgPoolOptions::new()
-            .max_connections(config.pg_pool_size.max(2))
+            // Room for every writer's transaction and for reads beside them.
+            .max_connections(config.pg_pool_size.max(config.pg_writers as u32 + 2))
             .min_connections(1)
             .acquire_timeout(config.busy_timeout)
             .connect_with(opts.clone().application_name(POOL_NAME))
@@ -149,23 +160,32 @@ impl PgStore {
             .await
             .map_err(StoreError::Migrate)?;
         let retention = Retention::from_config(config);
-        let (tx, rx) = mpsc::channel(4096);
-        let (done_tx, done_rx) = oneshot::channel();
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let writer = Writer {
-            pool: pool.clone(),
-            hub: hub.clone(),
-            retention,
-            purge_pending: true,
-            next_sweep: Instant::now(),
-            next_purge: Instant::now(),
-        };
-        // The one writer of this node; stopped by Cmd::Stop after what is queued.
-        tasks.spawn(async move {
-            writer.run(rx).await;
-            let _ = done_tx.send(());
-        });
+        let purge_pending = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let mut writers = Vec::new();
+        let mut done = Vec::new();
+        for n in 0..config.pg_writers.max(1) {
+            let (tx, rx) = mpsc::channel(4096);
+            let (done_tx, done_rx) = oneshot::channel();
+            let writer = Writer {
+                pool: pool.clone(),
+                hub: hub.clone(),
+                retention,
+                // One writer per node sweeps and purges.
+                housekeeper: n == 0,
+                purge_pending: purge_pending.clone(),
+                next_sweep: Instant::now(),
+                next_purge: Instant::now(),
+            };
+            // Stopped by Cmd::Stop after what is queued.
+            tasks.spawn(async move {
+                writer.run(rx).await;
+                let _ = done_tx.send(());
+            });
+            writers.push(tx);
+            done.push(done_rx);
+        }
         let queue_usage = Arc::new(AtomicU64::new(0f64.to_bits()));
         let listener = Listener {
             opts: opts.application_name(LISTENER_NAME),
@@ -182,11 +202,11 @@ impl PgStore {
         tasks.close();
         Ok(PgStore {
             inner: Arc::new(Inner {
-                tx,
+                writers,
                 pool,
                 stop,
                 tasks,
-                done: tokio::sync::Mutex::new(Some(done_rx)),
+                done: tokio::sync::Mutex::new(done),
                 metrics,
                 queue_usage,
                 hub,
@@ -194,12 +214,23 @@ impl PgStore {
         })
     }
 
+    /// Every writer commits what was queued before, then stops.
+    async fn stop_writers(&self) {
+        for writer in &self.inner.writers {
+            let _ = writer.send(Cmd::Stop).await;
+        }
+        for done in self.inner.done.lock().await.drain(..) {
+            let _ = done.await;
+        }
+    }
+
     pub(super) fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }
 
     pub(super) async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
-        crate::store::group::submit(&self.inner.tx, req, Cmd::Write).await
+        let writer = &self.inner.writers[writer_of(&req.stream, self.inner.writers.len())];
+        crate::store::group::submit(writer, req, Cmd::Write).await
     }
 
     pub(super) async fn ds_write(
@@ -253,23 +284,20 @@ impl PgStore {
                 format!("the PostgreSQL NOTIFY queue is {:.0}% full", usage * 100.0).into(),
             ));
         }
-        crate::store::group::ping(&self.inner.tx, Cmd::Ping).await
+        for writer in &self.inner.writers {
+            crate::store::group::ping(writer, Cmd::Ping).await?;
+        }
+        Ok(())
     }
 
     #[cfg(feature = "test-util")]
     pub(super) async fn stop_writer(&self) {
-        let _ = self.inner.tx.send(Cmd::Stop).await;
-        if let Some(done) = self.inner.done.lock().await.take() {
-            let _ = done.await;
-        }
+        self.stop_writers().await;
     }
 
     pub(super) async fn close(&self) {
         // Queued writes before the stop are committed and answered first.
-        let _ = self.inner.tx.send(Cmd::Stop).await;
-        if let Some(done) = self.inner.done.lock().await.take() {
-            let _ = done.await;
-        }
+        self.stop_writers().await;
         self.inner.stop.cancel();
         self.inner.tasks.wait().await;
         self.inner.pool.close().await;
@@ -369,7 +397,8 @@ mod tests {
                 idempotency_ttl_ms: 3_600_000,
                 interval: Duration::from_secs(3600),
             },
-            purge_pending: false,
+            housekeeper: true,
+            purge_pending: Arc::default(),
             next_sweep: Instant::now(),
             next_purge: Instant::now(),
         };

@@ -1,8 +1,9 @@
 //! The PostgreSQL writer task: commits what is queued as one transaction.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jobcast_protocol::END_EVENT;
 use sqlx::postgres::{PgConnection, PgPool};
 use sqlx::Row;
 use tokio::sync::mpsc;
@@ -10,12 +11,11 @@ use tokio::sync::mpsc;
 use super::{meta_from_row, seq, Cmd, CHANNEL, MAX_ATTEMPTS, META_COLUMNS, PURGE_EVERY, TICK};
 use crate::hub::Hub;
 use crate::store::group::{
-    fail_group, publish_and_answer, size_of, PingReply, Publish, Reply, Retention, GROUP_MAX_BYTES,
-    GROUP_MAX_EVENTS, PURGE_CHUNK, SWEEP_EVERY, SWEEP_KEYS, SWEEP_STREAMS,
+    cut, decide, fail_group, publish_and_answer, size_of, Found, PingReply, Plan, Publish,
+    Remembered, Reply, Retention, Wanted, GROUP_MAX_BYTES, GROUP_MAX_EVENTS, PURGE_CHUNK,
+    SWEEP_EVERY, SWEEP_KEYS, SWEEP_STREAMS,
 };
-use crate::store::{
-    append_response_body, Refusal, StoreError, StreamMeta, WriteOp, WriteOutcome, WriteRequest,
-};
+use crate::store::{StoreError, WriteRequest};
 
 impl Publish {
     /// The NOTIFY payload: `"{stream} {epoch} {first} {last}"` or `"{stream}"`.
@@ -34,11 +34,12 @@ impl Publish {
 }
 
 /// Whether PostgreSQL asks for the transaction to be tried again.
-fn retryable(e: &sqlx::Error) -> bool {
+fn retryable(e: &TxError) -> bool {
     match e {
+        TxError::Raced(_) => true,
         // deadlock_detected, serialization_failure, unique_violation (a
         // creation raced with another node's).
-        sqlx::Error::Database(d) => {
+        TxError::Db(sqlx::Error::Database(d)) => {
             matches!(d.code().as_deref(), Some("40P01" | "40001" | "23505"))
         }
         _ => false,
@@ -50,7 +51,11 @@ pub(super) struct Writer {
     pub(super) pool: PgPool,
     pub(super) hub: Hub,
     pub(super) retention: Retention,
-    pub(super) purge_pending: bool,
+    /// Whether this writer runs the node's sweeps and purges.
+    pub(super) housekeeper: bool,
+    /// Whether deleted streams' events may remain (shared by the node's
+    /// writers; the housekeeper purges).
+    pub(super) purge_pending: Arc<AtomicBool>,
     pub(super) next_sweep: Instant,
     pub(super) next_purge: Instant,
 }
@@ -110,64 +115,52 @@ impl Writer {
         }
     }
 
+    /// Commits the group, one transaction per [`cut`] of it; a transaction
+    /// PostgreSQL asks to retry (deadlock, serialization, a creation racing
+    /// another node's) is tried again from its read phase.
     async fn commit_group(&mut self, group: &mut Vec<(WriteRequest, Reply)>) {
-        // Lock order = stream id order on every node (a stable sort keeps each
-        // stream's requests in arrival order).
-        group.sort_by(|a, b| a.0.stream.cmp(&b.0.stream));
-        let mut attempt = 0;
-        let result = loop {
-            attempt += 1;
-            let mut outcomes = Vec::with_capacity(group.len());
-            let mut publish = Vec::new();
-            match self.try_group(group, &mut outcomes, &mut publish).await {
-                Ok(()) => break Ok((outcomes, publish)),
-                Err(e) if attempt < MAX_ATTEMPTS && retryable(&e) => {
-                    tracing::debug!(error = %e, attempt, "store write conflicted; trying again");
-                    tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+        while !group.is_empty() {
+            let part: Vec<_> = group.drain(..cut(group)).collect();
+            let mut attempt = 0;
+            let result = loop {
+                attempt += 1;
+                match self.try_part(&part).await {
+                    Ok(plan) => break Ok((plan.outcomes, plan.publish)),
+                    Err(e) if attempt < MAX_ATTEMPTS && retryable(&e) => {
+                        tracing::debug!(error = %e, attempt, "store write conflicted; trying again");
+                        tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+                    }
+                    Err(e) => break Err(e),
                 }
-                Err(e) => break Err(e),
+            };
+            match result {
+                Ok((outcomes, publish)) => {
+                    if publish_and_answer(&self.hub, part, outcomes, publish) {
+                        self.purge_pending.store(true, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => fail_group(part, &e),
             }
-        };
-        match result {
-            Ok((outcomes, publish)) => {
-                self.purge_pending |= publish_and_answer(&self.hub, group, outcomes, publish);
-            }
-            Err(e) => fail_group(group, &e),
         }
     }
 
-    async fn try_group(
-        &self,
-        group: &[(WriteRequest, Reply)],
-        outcomes: &mut Vec<WriteOutcome>,
-        publish: &mut Vec<Publish>,
-    ) -> Result<(), sqlx::Error> {
+    /// One transaction: BEGIN, the read phase (one statement, plus one when
+    /// requests carry Idempotency-Keys), the plan, its one write statement
+    /// (which also notifies every node), COMMIT — four or five round trips
+    /// however many requests it holds.
+    async fn try_part<'a>(&self, part: &'a [(WriteRequest, Reply)]) -> Result<Plan<'a>, TxError> {
         let mut tx = self.pool.begin().await?;
-        for (index, (req, _)) in group.iter().enumerate() {
-            let outcome = apply(
-                &mut tx,
-                &self.hub,
-                self.retention.max_events,
-                index,
-                req,
-                publish,
-            )
-            .await?;
-            outcomes.push(outcome);
-        }
-        let payloads: Vec<String> = publish.iter().map(|p| p.payload(group)).collect();
-        if !payloads.is_empty() {
-            // Delivered to every node's listener when (and only if) this commits.
-            sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
-                .bind(CHANNEL)
-                .bind(&payloads)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await
+        let found = load(&mut tx, &Wanted::of(part)).await?;
+        let plan = decide(part, found, &self.hub, self.retention.max_events);
+        write(&mut tx, part, &plan).await?;
+        tx.commit().await?;
+        Ok(plan)
     }
 
     pub(super) async fn housekeeping(&mut self) {
+        if !self.housekeeper {
+            return;
+        }
         let now = Instant::now();
         if now >= self.next_sweep {
             let more = match self.expire().await {
@@ -186,9 +179,9 @@ impl Writer {
                     self.retention.interval
                 };
         }
-        if self.purge_pending && now >= self.next_purge {
+        if self.purge_pending.load(Ordering::Relaxed) && now >= self.next_purge {
             match self.purge_step().await {
-                Ok(more) => self.purge_pending = more,
+                Ok(more) => self.purge_pending.store(more, Ordering::Relaxed),
                 Err(e) => {
                     tracing::warn!(error = %e, "purging a deleted stream failed; will retry")
                 }
@@ -243,7 +236,7 @@ impl Writer {
                 streams = ids.len(),
                 "deleted ended streams past their retention"
             );
-            self.purge_pending = true;
+            self.purge_pending.store(true, Ordering::Relaxed);
         }
         for id in ids {
             self.hub.changed(&id);
@@ -285,268 +278,142 @@ impl Writer {
     }
 }
 
-/// The stream's row, locked until the transaction ends.
-async fn lookup(conn: &mut PgConnection, stream: &str) -> Result<Option<StreamMeta>, sqlx::Error> {
-    let row = sqlx::query(&format!(
-        "SELECT {META_COLUMNS} FROM streams WHERE id = $1 FOR UPDATE"
+/// Why a transaction failed.
+#[derive(Debug, thiserror::Error)]
+enum TxError {
+    /// PostgreSQL's error.
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    /// A creation lost a race with another node's: the row appeared after
+    /// the read phase's snapshot. The transaction is tried again.
+    #[error("stream {0:?} was created by another transaction meanwhile")]
+    Raced(String),
+}
+
+/// The read phase: locks every wanted stream's row in id order (the same
+/// order on every node) and creates the missing ones to be created, in one
+/// statement; then, in a second statement (so from a snapshot taken after
+/// the locks were granted), the remembered answers of the keys.
+async fn load(conn: &mut PgConnection, wanted: &Wanted<'_>) -> Result<Found, TxError> {
+    let ids: Vec<&str> = wanted.streams.iter().map(|w| w.0).collect();
+    let creates: Vec<&str> = wanted.streams.iter().filter(|w| w.1).map(|w| w.0).collect();
+    let epochs: Vec<String> = creates.iter().map(|_| crate::time::new_epoch()).collect();
+    let rows = sqlx::query(&format!(
+        "WITH locked AS ( \
+             SELECT {META_COLUMNS} FROM streams WHERE id = ANY($1) ORDER BY id FOR UPDATE), \
+         created AS ( \
+             INSERT INTO streams (id, epoch, state, head, first_seq, created_at, updated_at) \
+             SELECT c.id, c.epoch, 'open', 0, 1, $4, $4 \
+             FROM unnest($2::text[], $3::text[]) AS c(id, epoch) \
+             WHERE NOT EXISTS (SELECT 1 FROM locked l WHERE l.id = c.id) \
+             ORDER BY c.id ON CONFLICT (id) DO NOTHING RETURNING {META_COLUMNS}) \
+         SELECT *, false AS created FROM locked \
+         UNION ALL SELECT *, true AS created FROM created"
     ))
-    .bind(stream)
-    .fetch_optional(conn)
-    .await?;
-    row.as_ref().map(meta_from_row).transpose()
-}
-
-/// The stream's locked row, creating it if needed; whether this created it.
-async fn ensure(conn: &mut PgConnection, stream: &str) -> Result<(StreamMeta, bool), sqlx::Error> {
-    // Another node may create (or delete) the row between the two statements:
-    // a few rounds settle it.
-    for _ in 0..3 {
-        if let Some(meta) = lookup(conn, stream).await? {
-            return Ok((meta, false));
-        }
-        let now = crate::time::now_ms();
-        let row = sqlx::query(&format!(
-            "INSERT INTO streams (id, epoch, state, head, first_seq, created_at, updated_at) \
-             VALUES ($1, $2, 'open', 0, 1, $3, $3) ON CONFLICT (id) DO NOTHING \
-             RETURNING {META_COLUMNS}"
-        ))
-        .bind(stream)
-        .bind(crate::time::new_epoch())
-        .bind(now)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some(row) = row {
-            return Ok((meta_from_row(&row)?, true));
-        }
-    }
-    Err(sqlx::Error::Protocol(format!(
-        "stream {stream:?} kept being created and deleted concurrently"
-    )))
-}
-
-async fn delete_stream(conn: &mut PgConnection, key: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM streams WHERE key = $1")
-        .bind(key)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("INSERT INTO purge (stream_key) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(key)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
-/// Trims the oldest events so that at most `max` are kept.
-async fn trim(conn: &mut PgConnection, meta: &mut StreamMeta, max: u64) -> Result<(), sqlx::Error> {
-    let kept = meta.head + 1 - meta.first_seq;
-    if kept <= max {
-        return Ok(());
-    }
-    let first = meta.head + 1 - max;
-    sqlx::query("DELETE FROM events WHERE stream_key = $1 AND seq < $2")
-        .bind(meta.key)
-        .bind(seq(first))
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("UPDATE streams SET first_seq = $1 WHERE key = $2")
-        .bind(seq(first))
-        .bind(meta.key)
-        .execute(&mut *conn)
-        .await?;
-    meta.first_seq = first;
-    Ok(())
-}
-
-async fn idempotent_replay(
-    conn: &mut PgConnection,
-    meta: &StreamMeta,
-    req: &WriteRequest,
-) -> Result<Option<WriteOutcome>, sqlx::Error> {
-    let Some(idem) = &req.idempotency else {
-        return Ok(None);
-    };
-    let row = sqlx::query(
-        "SELECT hash, status, body FROM idempotency WHERE stream_key = $1 AND key = $2",
-    )
-    .bind(meta.key)
-    .bind(&idem.key)
-    .fetch_optional(conn)
-    .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let hash: Vec<u8> = row.try_get("hash")?;
-    if hash != idem.hash {
-        return Ok(Some(WriteOutcome::Refused(Refusal::IdempotencyKeyReused)));
-    }
-    Ok(Some(WriteOutcome::Replayed {
-        status: row.try_get::<i32, _>("status")? as u16,
-        body: row.try_get("body")?,
-    }))
-}
-
-async fn remember(
-    conn: &mut PgConnection,
-    meta: &StreamMeta,
-    req: &WriteRequest,
-    status: u16,
-    body: &str,
-) -> Result<(), sqlx::Error> {
-    let Some(idem) = &req.idempotency else {
-        return Ok(());
-    };
-    sqlx::query(
-        "INSERT INTO idempotency (stream_key, key, hash, status, body, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-    )
-    .bind(meta.key)
-    .bind(&idem.key)
-    .bind(&idem.hash[..])
-    .bind(i32::from(status))
-    .bind(body)
+    .bind(&ids)
+    .bind(&creates)
+    .bind(&epochs)
     .bind(crate::time::now_ms())
-    .execute(conn)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(())
-}
-
-/// Inserts events numbered from `first_seq` with one statement.
-async fn insert_events(
-    conn: &mut PgConnection,
-    key: i64,
-    first_seq: u64,
-    time: i64,
-    types: &[&str],
-    data: &[&[u8]],
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO events (stream_key, seq, type, data, time) \
-         SELECT $1, $2 + e.n - 1, e.type, e.data, $5 \
-         FROM unnest($3::text[], $4::bytea[]) WITH ORDINALITY AS e(type, data, n)",
-    )
-    .bind(key)
-    .bind(seq(first_seq))
-    .bind(types)
-    .bind(data)
-    .bind(time)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// Applies one request inside the group's transaction. A refusal is decided
-/// before anything is written for that request, so it changes nothing.
-async fn apply(
-    conn: &mut PgConnection,
-    hub: &Hub,
-    max_events: Option<u64>,
-    index: usize,
-    req: &WriteRequest,
-    publish: &mut Vec<Publish>,
-) -> Result<WriteOutcome, sqlx::Error> {
-    let changed = |deleted: Option<i64>| Publish::Changed {
-        stream: req.stream.clone(),
-        deleted,
-    };
-    match &req.op {
-        WriteOp::Create => {
-            let (meta, created) = ensure(conn, &req.stream).await?;
-            if created {
-                publish.push(changed(None));
-            }
-            Ok(WriteOutcome::Created { meta, created })
-        }
-        WriteOp::Delete => {
-            let Some(meta) = lookup(conn, &req.stream).await? else {
-                return Ok(WriteOutcome::Refused(Refusal::NotFound));
-            };
-            delete_stream(conn, meta.key).await?;
-            publish.push(changed(Some(meta.key)));
-            Ok(WriteOutcome::Deleted)
-        }
-        WriteOp::Append(events) => {
-            let (mut meta, created) = ensure(conn, &req.stream).await?;
-            if created {
-                publish.push(changed(None));
-            } else if let Some(replay) = idempotent_replay(conn, &meta, req).await? {
-                return Ok(replay);
-            }
-            if meta.ended() {
-                return Ok(WriteOutcome::Refused(Refusal::StreamEnded));
-            }
-            let first_seq = meta.head + 1;
-            let last_seq = meta.head + events.len() as u64;
-            let now = crate::time::now_ms();
-            let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
-            let data: Vec<&[u8]> = events.iter().map(|e| e.data.as_bytes()).collect();
-            insert_events(conn, meta.key, first_seq, now, &types, &data).await?;
-            sqlx::query("UPDATE streams SET head = $1, updated_at = $2 WHERE key = $3")
-                .bind(seq(last_seq))
-                .bind(now)
-                .bind(meta.key)
-                .execute(&mut *conn)
-                .await?;
-            meta.head = last_seq;
-            if let Some(max) = max_events {
-                trim(conn, &mut meta, max).await?;
-            }
-            let body = append_response_body(&meta.epoch, first_seq, last_seq);
-            remember(conn, &meta, req, 201, &body).await?;
-            publish.push(Publish::Events {
-                index,
-                key: meta.key,
-                epoch: meta.epoch.clone(),
-                first_seq,
-                last_seq,
-            });
-            Ok(WriteOutcome::Appended {
-                epoch: meta.epoch,
-                first_seq,
-                last_seq,
-            })
-        }
-        WriteOp::End { state, data } => {
-            let Some(mut meta) = lookup(conn, &req.stream).await? else {
-                return Ok(WriteOutcome::Refused(Refusal::NotFound));
-            };
-            if let Some(replay) = idempotent_replay(conn, &meta, req).await? {
-                return Ok(replay);
-            }
-            if meta.ended() {
-                return Ok(WriteOutcome::Refused(Refusal::StreamEnded));
-            }
-            let seq_end = meta.head + 1;
-            let now = crate::time::now_ms();
-            insert_events(
-                conn,
-                meta.key,
-                seq_end,
-                now,
-                &[END_EVENT],
-                &[data.as_bytes()],
-            )
-            .await?;
-            sqlx::query("UPDATE streams SET head = $1, state = $2, updated_at = $3 WHERE key = $4")
-                .bind(seq(seq_end))
-                .bind(state.as_str())
-                .bind(now)
-                .bind(meta.key)
-                .execute(&mut *conn)
-                .await?;
-            meta.head = seq_end;
-            meta.state = *state;
-            meta.updated_at = now;
-            let body = serde_json::to_string(&meta.to_json(hub.watchers_of(&req.stream)))
-                .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-            remember(conn, &meta, req, 200, &body).await?;
-            publish.push(Publish::Events {
-                index,
-                key: meta.key,
-                epoch: meta.epoch.clone(),
-                first_seq: seq_end,
-                last_seq: seq_end,
-            });
-            Ok(WriteOutcome::Ended { meta })
+    let mut found = Found::default();
+    for row in &rows {
+        let meta = meta_from_row(row)?;
+        let created: bool = row.try_get("created")?;
+        found.streams.insert(meta.id.clone(), (meta, created));
+    }
+    if let Some(missing) = creates.iter().find(|id| !found.streams.contains_key(**id)) {
+        return Err(TxError::Raced((*missing).to_owned()));
+    }
+    let (stream_keys, keys): (Vec<i64>, Vec<&str>) = wanted
+        .keys
+        .iter()
+        .filter_map(|&(stream, key)| match found.streams.get(stream) {
+            Some((meta, false)) => Some((meta.key, key)),
+            _ => None,
+        })
+        .unzip();
+    if !keys.is_empty() {
+        let rows = sqlx::query(
+            "SELECT i.stream_key, i.key, i.hash, i.status, i.body FROM idempotency i \
+             JOIN unnest($1::bigint[], $2::text[]) AS k(stream_key, key) \
+               ON i.stream_key = k.stream_key AND i.key = k.key",
+        )
+        .bind(&stream_keys)
+        .bind(&keys)
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in &rows {
+            found.keys.insert(
+                (row.try_get("stream_key")?, row.try_get("key")?),
+                Remembered {
+                    hash: row.try_get("hash")?,
+                    status: row.try_get::<i32, _>("status")? as u16,
+                    body: row.try_get("body")?,
+                },
+            );
         }
     }
+    Ok(found)
+}
+
+/// The write phase, one statement: insert the events, move each stream's
+/// row, trim, remember the answers, delete streams (queueing their events
+/// for purging) and NOTIFY every node — delivered when, and only if, the
+/// transaction commits.
+async fn write(
+    conn: &mut PgConnection,
+    part: &[(WriteRequest, Reply)],
+    plan: &Plan<'_>,
+) -> Result<(), sqlx::Error> {
+    let ev = &plan.events;
+    let st = &plan.streams;
+    let ks = &plan.keys;
+    let payloads: Vec<String> = plan.publish.iter().map(|p| p.payload(part)).collect();
+    sqlx::query(
+        "WITH ev AS ( \
+             INSERT INTO events (stream_key, seq, type, data, time) \
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bytea[], $5::bigint[])), \
+         st AS ( \
+             UPDATE streams s SET head = u.head, state = u.state, first_seq = u.first_seq, \
+                                  updated_at = u.updated_at \
+             FROM unnest($6::bigint[], $7::bigint[], $8::text[], $9::bigint[], $10::bigint[]) \
+                  AS u(key, head, state, first_seq, updated_at) \
+             WHERE s.key = u.key), \
+         tr AS ( \
+             DELETE FROM events e USING unnest($11::bigint[], $12::bigint[]) AS t(key, first) \
+             WHERE e.stream_key = t.key AND e.seq < t.first), \
+         ks AS ( \
+             INSERT INTO idempotency (stream_key, key, hash, status, body, created_at) \
+             SELECT * FROM unnest($13::bigint[], $14::text[], $15::bytea[], $16::int[], \
+                                  $17::text[], $18::bigint[]) \
+             ON CONFLICT DO NOTHING), \
+         del AS (DELETE FROM streams WHERE key = ANY($19) RETURNING key), \
+         pu AS (INSERT INTO purge (stream_key) SELECT key FROM del ON CONFLICT DO NOTHING) \
+         SELECT count(pg_notify($20, p)) FROM unnest($21::text[]) AS p",
+    )
+    .bind(ev.iter().map(|e| e.key).collect::<Vec<_>>())
+    .bind(ev.iter().map(|e| seq(e.seq)).collect::<Vec<_>>())
+    .bind(ev.iter().map(|e| e.event_type).collect::<Vec<_>>())
+    .bind(ev.iter().map(|e| e.data.as_bytes()).collect::<Vec<_>>())
+    .bind(ev.iter().map(|e| e.time).collect::<Vec<_>>())
+    .bind(st.iter().map(|m| m.key).collect::<Vec<_>>())
+    .bind(st.iter().map(|m| seq(m.head)).collect::<Vec<_>>())
+    .bind(st.iter().map(|m| m.state.as_str()).collect::<Vec<_>>())
+    .bind(st.iter().map(|m| seq(m.first_seq)).collect::<Vec<_>>())
+    .bind(st.iter().map(|m| m.updated_at).collect::<Vec<_>>())
+    .bind(plan.trims.iter().map(|t| t.0).collect::<Vec<_>>())
+    .bind(plan.trims.iter().map(|t| seq(t.1)).collect::<Vec<_>>())
+    .bind(ks.iter().map(|k| k.stream_key).collect::<Vec<_>>())
+    .bind(ks.iter().map(|k| k.key).collect::<Vec<_>>())
+    .bind(ks.iter().map(|k| &k.hash[..]).collect::<Vec<_>>())
+    .bind(ks.iter().map(|k| i32::from(k.status)).collect::<Vec<_>>())
+    .bind(ks.iter().map(|k| k.body.as_str()).collect::<Vec<_>>())
+    .bind(ks.iter().map(|k| k.time).collect::<Vec<_>>())
+    .bind(&plan.deletes)
+    .bind(CHANNEL)
+    .bind(&payloads)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }

@@ -12,18 +12,17 @@
 
 use std::time::{Duration, Instant};
 
-use jobcast_protocol::{StreamState, END_EVENT};
+use jobcast_protocol::StreamState;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::mpsc;
 
 use crate::hub::Hub;
 use crate::store::group::{
-    fail_group, publish_and_answer, size_of, PingReply, Publish, Reply, Retention, GROUP_MAX_BYTES,
-    GROUP_MAX_EVENTS, PURGE_CHUNK, SWEEP_EVERY, SWEEP_KEYS, SWEEP_STREAMS,
+    cut, decide, fail_group, publish_and_answer, size_of, Found, PingReply, Plan, Remembered,
+    Reply, Retention, Wanted, GROUP_MAX_BYTES, GROUP_MAX_EVENTS, PURGE_CHUNK, SWEEP_EVERY,
+    SWEEP_KEYS, SWEEP_STREAMS,
 };
-use crate::store::{
-    append_response_body, Refusal, StoreError, StreamMeta, WriteOp, WriteOutcome, WriteRequest,
-};
+use crate::store::{StoreError, StreamMeta, WriteRequest};
 
 /// Pause between purge steps, so purging never hogs the writer.
 const PURGE_EVERY: Duration = Duration::from_millis(50);
@@ -248,26 +247,30 @@ impl Writer {
         }
     }
 
+    /// Commits the group, one transaction per [`cut`] of it.
     fn commit_group(&mut self, group: &mut Vec<(WriteRequest, Reply)>) {
-        let mut outcomes = Vec::with_capacity(group.len());
-        let mut publish = Vec::new();
-        let max_events = self.retention.max_events;
-        let result = (|| -> rusqlite::Result<()> {
-            let tx = self
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for (index, (req, _)) in group.iter().enumerate() {
-                outcomes.push(apply(&tx, &self.hub, max_events, index, req, &mut publish)?);
-            }
-            tx.commit()
-        })();
-        match result {
-            Ok(()) => {
-                if publish_and_answer(&self.hub, group, outcomes, publish) {
-                    self.purge_pending = true;
+        while !group.is_empty() {
+            let part: Vec<_> = group.drain(..cut(group)).collect();
+            let max_events = self.retention.max_events;
+            let result = (|| -> rusqlite::Result<Plan<'_>> {
+                let tx = self
+                    .conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let found = load(&tx, &Wanted::of(&part))?;
+                let plan = decide(&part, found, &self.hub, max_events);
+                write(&tx, &plan)?;
+                tx.commit()?;
+                Ok(plan)
+            })();
+            match result {
+                Ok(plan) => {
+                    let (outcomes, publish) = (plan.outcomes, plan.publish);
+                    if publish_and_answer(&self.hub, part, outcomes, publish) {
+                        self.purge_pending = true;
+                    }
                 }
+                Err(e) => fail_group(part, &e),
             }
-            Err(e) => fail_group(group, &e),
         }
     }
 
@@ -412,21 +415,6 @@ fn delete_stream(conn: &Connection, key: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Trims the oldest events so that at most `max` are kept.
-fn trim(conn: &Connection, meta: &mut StreamMeta, max: u64) -> rusqlite::Result<()> {
-    let kept = meta.head + 1 - meta.first_seq;
-    if kept <= max {
-        return Ok(());
-    }
-    let first = meta.head + 1 - max;
-    conn.prepare_cached("DELETE FROM events WHERE stream_key = ? AND seq < ?")?
-        .execute(params![meta.key, first as i64])?;
-    conn.prepare_cached("UPDATE streams SET first_seq = ? WHERE key = ?")?
-        .execute(params![first as i64, meta.key])?;
-    meta.first_seq = first;
-    Ok(())
-}
-
 fn create(conn: &Connection, stream: &str) -> rusqlite::Result<StreamMeta> {
     let now = crate::time::now_ms();
     let epoch = crate::time::new_epoch();
@@ -448,208 +436,86 @@ fn create(conn: &Connection, stream: &str) -> rusqlite::Result<StreamMeta> {
     })
 }
 
-/// A previous answer to the same Idempotency-Key, or a refusal when the key
-/// came with another request.
-fn idempotent_replay(
-    conn: &Connection,
-    meta: &StreamMeta,
-    req: &WriteRequest,
-) -> rusqlite::Result<Option<WriteOutcome>> {
-    let Some(idem) = &req.idempotency else {
-        return Ok(None);
-    };
-    let row = conn
-        .prepare_cached(
-            "SELECT hash, status, body FROM idempotency WHERE stream_key = ? AND key = ?",
-        )?
-        .query_row(params![meta.key, idem.key], |r| {
-            Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })
-        .optional()?;
-    let Some((hash, status, body)) = row else {
-        return Ok(None);
-    };
-    if hash != idem.hash {
-        return Ok(Some(WriteOutcome::Refused(Refusal::IdempotencyKeyReused)));
+/// The read phase of a transaction: the wanted streams (creating those to
+/// be created when missing) and the remembered answers of its keys.
+fn load(conn: &Connection, wanted: &Wanted<'_>) -> rusqlite::Result<Found> {
+    let mut found = Found::default();
+    for &(stream, creates) in &wanted.streams {
+        let row = match lookup(conn, stream)? {
+            Some(meta) => Some((meta, false)),
+            None if creates => Some((create(conn, stream)?, true)),
+            None => None,
+        };
+        if let Some(row) = row {
+            found.streams.insert(stream.to_owned(), row);
+        }
     }
-    Ok(Some(WriteOutcome::Replayed {
-        status: status as u16,
-        body,
-    }))
-}
-
-fn remember(
-    conn: &Connection,
-    meta: &StreamMeta,
-    req: &WriteRequest,
-    status: u16,
-    body: &str,
-) -> rusqlite::Result<()> {
-    let Some(idem) = &req.idempotency else {
-        return Ok(());
-    };
-    conn.prepare_cached(
-        "INSERT INTO idempotency (stream_key, key, hash, status, body, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?)",
-    )?
-    .execute(params![
-        meta.key,
-        idem.key,
-        &idem.hash[..],
-        status as i64,
-        body,
-        crate::time::now_ms()
-    ])?;
-    Ok(())
-}
-
-fn insert_events<'a>(
-    conn: &Connection,
-    key: i64,
-    first_seq: u64,
-    time: i64,
-    events: impl Iterator<Item = (&'a str, &'a str)>,
-) -> rusqlite::Result<()> {
     let mut stmt = conn.prepare_cached(
+        "SELECT hash, status, body FROM idempotency WHERE stream_key = ? AND key = ?",
+    )?;
+    for &(stream, key) in &wanted.keys {
+        let Some((meta, false)) = found.streams.get(stream) else {
+            continue;
+        };
+        let remembered = stmt
+            .query_row(params![meta.key, key], |r| {
+                Ok(Remembered {
+                    hash: r.get(0)?,
+                    status: r.get::<_, i64>(1)? as u16,
+                    body: r.get(2)?,
+                })
+            })
+            .optional()?;
+        if let Some(r) = remembered {
+            found.keys.insert((meta.key, key.to_owned()), r);
+        }
+    }
+    Ok(found)
+}
+
+/// The write phase: executes the plan row by row (in process, so a
+/// statement costs no round trip).
+fn write(conn: &Connection, plan: &Plan<'_>) -> rusqlite::Result<()> {
+    let mut insert = conn.prepare_cached(
         "INSERT INTO events (stream_key, seq, type, data, time) VALUES (?, ?, ?, ?, ?)",
     )?;
-    for (i, (ty, data)) in events.enumerate() {
-        stmt.execute(params![key, (first_seq + i as u64) as i64, ty, data, time])?;
+    for e in &plan.events {
+        insert.execute(params![e.key, e.seq as i64, e.event_type, e.data, e.time])?;
+    }
+    let mut update = conn.prepare_cached(
+        "UPDATE streams SET head = ?, state = ?, first_seq = ?, updated_at = ? WHERE key = ?",
+    )?;
+    for m in &plan.streams {
+        update.execute(params![
+            m.head as i64,
+            m.state.as_str(),
+            m.first_seq as i64,
+            m.updated_at,
+            m.key
+        ])?;
+    }
+    let mut trim = conn.prepare_cached("DELETE FROM events WHERE stream_key = ? AND seq < ?")?;
+    for &(key, first) in &plan.trims {
+        trim.execute(params![key, first as i64])?;
+    }
+    let mut remember = conn.prepare_cached(
+        "INSERT INTO idempotency (stream_key, key, hash, status, body, created_at) \
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )?;
+    for k in &plan.keys {
+        remember.execute(params![
+            k.stream_key,
+            k.key,
+            &k.hash[..],
+            k.status as i64,
+            k.body,
+            k.time
+        ])?;
+    }
+    for &key in &plan.deletes {
+        delete_stream(conn, key)?;
     }
     Ok(())
-}
-
-/// Applies one request inside the group's transaction. A refusal is decided
-/// before anything is written for that request, so it changes nothing.
-fn apply(
-    conn: &Connection,
-    hub: &Hub,
-    max_events: Option<u64>,
-    index: usize,
-    req: &WriteRequest,
-    publish: &mut Vec<Publish>,
-) -> rusqlite::Result<WriteOutcome> {
-    let existing = lookup(conn, &req.stream)?;
-    match &req.op {
-        WriteOp::Create => Ok(match existing {
-            Some(meta) => WriteOutcome::Created {
-                meta,
-                created: false,
-            },
-            None => {
-                let meta = create(conn, &req.stream)?;
-                publish.push(Publish::Changed {
-                    stream: req.stream.clone(),
-                    deleted: None,
-                });
-                WriteOutcome::Created {
-                    meta,
-                    created: true,
-                }
-            }
-        }),
-        WriteOp::Delete => {
-            let Some(meta) = existing else {
-                return Ok(WriteOutcome::Refused(Refusal::NotFound));
-            };
-            delete_stream(conn, meta.key)?;
-            publish.push(Publish::Changed {
-                stream: req.stream.clone(),
-                deleted: Some(meta.key),
-            });
-            Ok(WriteOutcome::Deleted)
-        }
-        WriteOp::Append(events) => {
-            let mut meta = match existing {
-                Some(meta) => {
-                    if let Some(replay) = idempotent_replay(conn, &meta, req)? {
-                        return Ok(replay);
-                    }
-                    meta
-                }
-                None => {
-                    let meta = create(conn, &req.stream)?;
-                    publish.push(Publish::Changed {
-                        stream: req.stream.clone(),
-                        deleted: None,
-                    });
-                    meta
-                }
-            };
-            if meta.ended() {
-                return Ok(WriteOutcome::Refused(Refusal::StreamEnded));
-            }
-            let first_seq = meta.head + 1;
-            let last_seq = meta.head + events.len() as u64;
-            let now = crate::time::now_ms();
-            let pairs = events
-                .iter()
-                .map(|e| (e.event_type.as_str(), e.data.as_str()));
-            insert_events(conn, meta.key, first_seq, now, pairs)?;
-            conn.prepare_cached("UPDATE streams SET head = ?, updated_at = ? WHERE key = ?")?
-                .execute(params![last_seq as i64, now, meta.key])?;
-            meta.head = last_seq;
-            if let Some(max) = max_events {
-                trim(conn, &mut meta, max)?;
-            }
-            let body = append_response_body(&meta.epoch, first_seq, last_seq);
-            remember(conn, &meta, req, 201, &body)?;
-            publish.push(Publish::Events {
-                index,
-                key: meta.key,
-                epoch: meta.epoch.clone(),
-                first_seq,
-                last_seq,
-            });
-            Ok(WriteOutcome::Appended {
-                epoch: meta.epoch,
-                first_seq,
-                last_seq,
-            })
-        }
-        WriteOp::End { state, data } => {
-            let Some(mut meta) = existing else {
-                return Ok(WriteOutcome::Refused(Refusal::NotFound));
-            };
-            if let Some(replay) = idempotent_replay(conn, &meta, req)? {
-                return Ok(replay);
-            }
-            if meta.ended() {
-                return Ok(WriteOutcome::Refused(Refusal::StreamEnded));
-            }
-            let seq = meta.head + 1;
-            let now = crate::time::now_ms();
-            insert_events(
-                conn,
-                meta.key,
-                seq,
-                now,
-                std::iter::once((END_EVENT, data.as_str())),
-            )?;
-            conn.prepare_cached(
-                "UPDATE streams SET head = ?, state = ?, updated_at = ? WHERE key = ?",
-            )?
-            .execute(params![seq as i64, state.as_str(), now, meta.key])?;
-            meta.head = seq;
-            meta.state = *state;
-            meta.updated_at = now;
-            let body = serde_json::to_string(&meta.to_json(hub.watchers_of(&req.stream)))
-                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-            remember(conn, &meta, req, 200, &body)?;
-            publish.push(Publish::Events {
-                index,
-                key: meta.key,
-                epoch: meta.epoch.clone(),
-                first_seq: seq,
-                last_seq: seq,
-            });
-            Ok(WriteOutcome::Ended { meta })
-        }
-    }
 }
 
 #[cfg(test)]
