@@ -330,6 +330,26 @@ async fn bad_input_gets_a_stable_code_never_a_500() {
 }
 
 #[tokio::test]
+async fn a_ds_byte_stream_is_ds_only_on_v1() {
+    let s = TestServer::start().await;
+    let bin = [("content-type", "application/octet-stream")];
+    assert_eq!(ds(&s, "PUT", "blob", &bin, "\u{0}\u{ff}").await.0, 201);
+    let (st, body) = s.get_json("/v1/streams/blob/events").await;
+    assert_eq!(
+        (st, body["error"]["code"].as_str()),
+        (409, Some("ds_byte_stream"))
+    );
+    let res = s
+        .client
+        .get(s.url("/v1/streams/blob/events"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 409);
+}
+
+#[tokio::test]
 async fn an_empty_prefix_turns_durable_streams_off() {
     let s = TestServer::start_with(|c| c.ds_prefix = String::new()).await;
     assert_eq!(ds(&s, "PUT", "x", &[TEXT], "a").await.0, 404);

@@ -211,6 +211,26 @@ fn body_of(meta: &DsMeta, messages: &[(u64, Vec<u8>)]) -> Vec<u8> {
     }
 }
 
+/// jobcast's `/v1` reads events as UTF-8 text and JSON: a DS stream of any
+/// other content type than `application/json` is DS-only there (409
+/// `ds_byte_stream`, before anything is read).
+pub(crate) async fn refuse_byte_stream(
+    state: &crate::http::AppState,
+    id: &str,
+) -> Result<(), ApiError> {
+    match state.store.ds_read(id, None, 0).await? {
+        Some(p) if !p.meta.native && !p.meta.is_json() => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "ds_byte_stream",
+            format!(
+                "stream {id:?} is a Durable Streams stream of {}: read it under the DS prefix",
+                p.meta.content_type
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The DS routes' handlers, for `http::routes`.
 pub(crate) use read::get as read_handler;
 pub(crate) use write::{delete as delete_handler, post as post_handler, put as put_handler};
