@@ -136,8 +136,9 @@ export function verdict(status, eventStream) {
 /** @typedef {'end' | 'no_content' | 'error' | 'gave_up' | 'closed'} CloseReason */
 
 /**
- * Where a watch starts: `start` (the whole log), `live` (`?from=live`), or an event id.
- * @typedef {'start' | 'live' | string} From
+ * Where a watch starts: `start` (the whole log), `live` (`?from=live`),
+ * `tail:N` (the last N events, then live; N up to 1 000 000), or an event id.
+ * @typedef {'start' | 'live' | `tail:${number}` | string} From
  */
 
 /** The reconnect state machine of one watch. */
@@ -157,7 +158,14 @@ export class Machine {
     this.live = from === 'live';
     /** @type {EventId | null} the last event delivered: sent as Last-Event-ID */
     this.last = null;
-    if (from !== 'start' && from !== 'live') {
+    /** @type {number | null} `tail:N`: asked for until an event is delivered */
+    this.tail = null;
+    const tail = /^tail:([0-9]{1,7})$/.exec(from);
+    if (tail) {
+      this.tail = Number(tail[1]);
+    } else if (from.startsWith('tail:')) {
+      throw new JobcastError('invalid_from', `tail:N takes a whole number of events: ${JSON.stringify(from)}`);
+    } else if (from !== 'start' && from !== 'live') {
       this.last = parseEventId(from);
       if (!this.last) throw new JobcastError('invalid_event_id', `not an event id: ${JSON.stringify(from)}`);
     }
@@ -200,10 +208,11 @@ export class Machine {
 
   /**
    * Where the next connection starts.
-   * @returns {{kind: 'start'} | {kind: 'live'} | {kind: 'after', id: string}}
+   * @returns {{kind: 'start'} | {kind: 'live'} | {kind: 'tail', n: number} | {kind: 'after', id: string}}
    */
   position() {
     if (this.last) return { kind: 'after', id: formatEventId(this.last) };
+    if (this.tail !== null) return { kind: 'tail', n: this.tail };
     return this.live ? { kind: 'live' } : { kind: 'start' };
   }
 

@@ -29,7 +29,7 @@ const MAX_ERROR_BODY = 64 * 1024;
  * @typedef {object} WatchOptions
  * @property {string} [server] base URL, e.g. `http://127.0.0.1:7700`; empty for the page's own origin (browser)
  * @property {string} stream the stream id
- * @property {import('./machine.js').From} [from] `start` (default), `live`, or the id of the last event already had
+ * @property {import('./machine.js').From} [from] `start` (default), `live`, `tail:N` (the last N events, then live), or the id of the last event already had
  * @property {string | (() => string | null | undefined | Promise<string | null | undefined>) | null} [token] sent as `Authorization: Bearer`; a function is asked again on every connection (and after `token_expired`)
  * @property {Record<string, string>} [headers] extra request headers
  * @property {typeof fetch} [fetch] the fetch to use (default: the global one)
@@ -323,6 +323,7 @@ export class Watch {
     let url = this.eventsUrl;
     if (pos.kind === 'after') headers['last-event-id'] = pos.id;
     if (pos.kind === 'live') url += '?from=live';
+    if (pos.kind === 'tail') url += `?from=tail:${pos.n}`;
     const firstByte = this.options.firstByteTimeoutMs ?? 10_000;
     /** @type {Awaited<ReturnType<Watch['request']>>} */
     let r;
@@ -397,6 +398,7 @@ export class Watch {
     const wait = this.options.pollWaitSeconds ?? 25;
     const params = new URLSearchParams({ wait: String(wait), limit: '100' });
     if (pos.kind === 'after') params.set('after', pos.id);
+    if (pos.kind === 'tail') params.set('from', `tail:${pos.n}`);
     const url = `${this.eventsUrl}?${params}`;
     const timeout = wait * 1000 + (this.options.readTimeoutMs ?? 45_000);
     let body;

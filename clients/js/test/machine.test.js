@@ -115,3 +115,13 @@ test('CR LF split across chunks is one line break; CR alone is one too', () => {
     assert.deepEqual(out.map(itemJson), [{ event: { id: 'ab-1', type: 'message', data: 'x' } }], JSON.stringify(chunks));
   }
 });
+
+test('tail:N is asked for until an event is delivered; a bad N is refused', () => {
+  const settings = { giveUpAfterMs: 300_000, healthyAfterMs: 5_000, baseMs: 1_000, maxMs: 30_000, canRefresh: false };
+  const m = new Machine('tail:25', settings, 0);
+  assert.deepEqual(m.position(), { kind: 'tail', n: 25 });
+  assert.equal(m.needsLivePosition(), false);
+  assert.throws(() => new Machine('tail:-1', settings, 0), (e) => e instanceof JobcastError && e.code === 'invalid_from');
+  assert.throws(() => new Machine('tail:abc', settings, 0), JobcastError);
+  assert.throws(() => new Machine('tail:12345678', settings, 0), JobcastError);
+});

@@ -4,6 +4,7 @@
 
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
+import https from 'node:https';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -44,13 +45,37 @@ export async function until(cond, ms, what) {
 }
 
 /**
- * A jobcast server process.
- * @param {{args?: string[], env?: Record<string, string>}} [opts]
+ * An HTTPS request on a connection of its own (no keep-alive), trusting
+ * only `ca`; resolves with the status and body text.
+ * @param {string} url
+ * @param {string} ca PEM certificate to trust
+ * @param {{method?: string, body?: string, headers?: Record<string, string>}} [opts]
+ * @returns {Promise<{status: number, body: string}>}
+ */
+export function httpsRequest(url, ca, opts = {}) {
+  return new Promise((resolve, reject) => {
+    const req = https.request(url, { method: opts.method ?? 'GET', ca, agent: false, headers: opts.headers, timeout: 10_000 }, (res) => {
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (d) => (body += d));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+      res.on('error', reject);
+    });
+    req.on('timeout', () => req.destroy(new Error(`${url}: no answer in 10 s`)));
+    req.on('error', reject);
+    req.end(opts.body);
+  });
+}
+
+/**
+ * A jobcast server process; with `ca` (the PEM of its `--tls-cert`) it
+ * serves HTTPS and is checked over HTTPS trusting only that certificate.
+ * @param {{args?: string[], env?: Record<string, string>, ca?: string}} [opts]
  */
 export async function startServer(opts = {}) {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'jobcast-js-'));
   const port = await freePort();
-  const url = `http://127.0.0.1:${port}`;
+  const url = `${opts.ca ? 'https' : 'http'}://127.0.0.1:${port}`;
   /** @type {import('node:child_process').ChildProcess | null} */
   let child = null;
   let log = '';
@@ -85,6 +110,7 @@ export async function startServer(opts = {}) {
         async () => {
           if (c.exitCode !== null) throw new Error(`jobcast exited ${c.exitCode}: ${log}`);
           try {
+            if (opts.ca) return (await httpsRequest(`${url}/healthz`, opts.ca)).status === 200;
             return (await fetch(`${url}/healthz`)).ok;
           } catch {
             return false;

@@ -38,6 +38,22 @@ const seqs = (/** @type {{seq: number}[]} */ events) => events.map((e) => e.seq)
 const range = (/** @type {number} */ a, /** @type {number} */ b) => Array.from({ length: b - a + 1 }, (_, i) => a + i);
 
 describe('watch against a real server', () => {
+  test('from tail:N: the last N events, then live, then the end (SSE and long-poll)', async () => {
+    for (const transport of /** @type {const} */ (['sse', 'poll'])) {
+      const stream = `tail-${transport}`;
+      await publishRange(server.url, stream, 1, 6);
+      const r = record(watch, { server: server.url, stream, from: 'tail:2', transport, ...fast });
+      await until(() => r.events.length === 2, 10_000, 'the last 2 events');
+      await publishRange(server.url, stream, 7, 7);
+      await until(() => r.events.length === 3, 10_000, 'the live event');
+      await complete(server.url, stream);
+      await r.w.done;
+      assert.deepEqual(seqs(r.events), [5, 6, 7], transport);
+      assert.equal(r.result.end?.state, 'completed', transport);
+      assert.equal(r.resets.length, 0, `${transport}: a tail is not a reset`);
+    }
+  });
+
   test('resumes after the server restarts: every event once, in order, then the end', async () => {
     const stream = 'restart-1';
     await publishRange(server.url, stream, 1, 5);

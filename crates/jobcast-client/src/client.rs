@@ -67,6 +67,8 @@ pub struct ClientBuilder {
     healthy_after: Duration,
     backoff_base: Duration,
     backoff_max: Duration,
+    http2_prior_knowledge: bool,
+    root_certificates: Vec<Vec<u8>>,
 }
 
 impl ClientBuilder {
@@ -127,6 +129,21 @@ impl ClientBuilder {
         self
     }
 
+    /// Speaks HTTP/2 from the first byte on `http://` URLs (h2c with prior
+    /// knowledge: one connection carries every watch and request). Over
+    /// `https://` HTTP/2 is chosen by ALPN anyway.
+    pub fn http2_prior_knowledge(mut self) -> Self {
+        self.http2_prior_knowledge = true;
+        self
+    }
+
+    /// Also trusts this PEM certificate (e.g. a private CA's, or a server's
+    /// self-signed one) for `https://` URLs.
+    pub fn add_root_certificate_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificates.push(pem.into());
+        self
+    }
+
     /// Builds the client.
     pub fn build(self) -> Result<Client, Error> {
         let base = self.base_url.trim().trim_end_matches('/').to_owned();
@@ -156,12 +173,18 @@ impl ClientBuilder {
                 Some(v)
             }
         };
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .user_agent(self.user_agent)
             .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(Error::Build)?;
+            .tcp_nodelay(true);
+        if self.http2_prior_knowledge {
+            http = http.http2_prior_knowledge();
+        }
+        for pem in &self.root_certificates {
+            let cert = reqwest::Certificate::from_pem(pem).map_err(Error::Build)?;
+            http = http.add_root_certificate(cert);
+        }
+        let http = http.build().map_err(Error::Build)?;
         Ok(Client {
             inner: Arc::new(Inner {
                 http,
@@ -262,6 +285,8 @@ impl Client {
             healthy_after: Duration::from_secs(5),
             backoff_base: crate::backoff::BASE,
             backoff_max: crate::backoff::MAX,
+            http2_prior_knowledge: false,
+            root_certificates: Vec::new(),
         }
     }
 

@@ -53,4 +53,4 @@ pub use jobcast_protocol::{
     EndPayload, ErrorPayload, EventId, ResetPayload, ResetReason, StreamState,
 };
 pub use types::{Appended, ListOptions, NewEvent, StreamInfo, StreamList};
-pub use watch::{End, Event, Item, Start, State, Watch};
+pub use watch::{End, Event, Item, Start, StartError, State, Watch};

@@ -39,6 +39,8 @@ pub(crate) enum Position {
     Start,
     /// `?from=live`.
     Live,
+    /// `?from=tail:N`.
+    Tail(u64),
     /// `Last-Event-ID: {id}`.
     After(EventId),
 }
@@ -76,6 +78,8 @@ pub(crate) struct Machine {
     settings: Settings,
     /// Started with [`Start::Live`] and not yet resolved to a position.
     live: bool,
+    /// Started with [`Start::Tail`]: asked for until an event is delivered.
+    tail: Option<u64>,
     /// The last event delivered to the application (or the position a reset
     /// resumed from): sent as Last-Event-ID, and events at or before it are dropped.
     last: Option<EventId>,
@@ -100,15 +104,17 @@ pub(crate) struct Machine {
 impl Machine {
     /// A machine about to make its first connection.
     pub(crate) fn new(start: Start, settings: Settings, now: Instant) -> Self {
-        let (live, last) = match start {
-            Start::Beginning => (false, None),
-            Start::Live => (true, None),
-            Start::After(id) => (false, Some(id)),
+        let (live, last, tail) = match start {
+            Start::Beginning => (false, None, None),
+            Start::Live => (true, None, None),
+            Start::After(id) => (false, Some(id), None),
+            Start::Tail(n) => (false, None, Some(n)),
         };
         Machine {
             state: State::Connecting,
             settings,
             live,
+            tail,
             last,
             attempt: 0,
             unhealthy_since: now,
@@ -163,7 +169,10 @@ impl Machine {
         match &self.last {
             Some(id) => Position::After(id.clone()),
             None if self.live => Position::Live,
-            None => Position::Start,
+            None => match self.tail {
+                Some(n) => Position::Tail(n),
+                None => Position::Start,
+            },
         }
     }
 

@@ -31,17 +31,40 @@ pub enum Start {
     Live,
     /// The events after this id (what a previous watch delivered last).
     After(EventId),
+    /// The last N events of the log, then live (`?from=tail:N`; the server
+    /// takes N up to 1 000 000). A reconnect before the first event asks
+    /// for the tail again; after it, the watch resumes after the last event
+    /// delivered, as always.
+    Tail(u64),
+}
+
+/// Why a start point does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Not `start`, `live` or `tail:N`, and not an event id.
+    #[error(transparent)]
+    Id(#[from] IdError),
+    /// `tail:` followed by something else than a whole number.
+    #[error("tail:N takes a whole number of events, e.g. tail:100")]
+    Tail,
 }
 
 impl FromStr for Start {
-    type Err = IdError;
+    type Err = StartError;
 
-    /// `start`, `live`, or an event id `{epoch}-{seq}`.
+    /// `start`, `live`, `tail:N`, or an event id `{epoch}-{seq}`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "start" => Ok(Start::Beginning),
             "live" => Ok(Start::Live),
-            id => EventId::parse(id).map(Start::After),
+            _ => match s.strip_prefix("tail:") {
+                Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+                    n.parse().map(Start::Tail).map_err(|_| StartError::Tail)
+                }
+                Some(_) => Err(StartError::Tail),
+                None => Ok(Start::After(EventId::parse(s)?)),
+            },
         }
     }
 }
@@ -257,6 +280,7 @@ impl Driver {
         match self.machine.position() {
             Position::Start => {}
             Position::Live => url.push_str("?from=live"),
+            Position::Tail(n) => url.push_str(&format!("?from=tail:{n}")),
             Position::After(id) => rb_headers.push(("last-event-id", id.to_string())),
         }
         let mut rb = self

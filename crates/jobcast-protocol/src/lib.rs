@@ -19,6 +19,9 @@ pub use id::{validate_event_type, validate_stream_id, EventId, IdError, StreamId
 pub const DEFAULT_EVENT_TYPE: &str = "message";
 /// The type of the final event of every stream.
 pub const END_EVENT: &str = "jobcast.end";
+/// The type of the event a cancel request appends (an ordinary log event:
+/// it has an id; producers learn of it from their append answers).
+pub const CANCEL_EVENT: &str = "jobcast.cancel_requested";
 /// The type of the control event that reports a problem before closing.
 pub const ERROR_EVENT: &str = "jobcast.error";
 /// The type of the control event that reports a resume point that could not be honoured.

@@ -217,6 +217,7 @@ impl Auth {
         let perms = claims.jobcast.unwrap_or_default();
         Ok(Grant {
             publish: perms.publish,
+            cancel: perms.cancel,
             subscribe: perms.subscribe,
             metrics: perms.metrics,
             expires: Some(expires),
@@ -262,6 +263,9 @@ struct Perms {
     publish: Vec<String>,
     #[serde(default)]
     subscribe: Vec<String>,
+    /// Streams whose cancel this token may request (publish covers it too).
+    #[serde(default)]
+    cancel: Vec<String>,
     #[serde(default)]
     metrics: bool,
 }
@@ -302,6 +306,7 @@ pub enum AuthError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     publish: Vec<String>,
+    cancel: Vec<String>,
     subscribe: Vec<String>,
     metrics: bool,
     /// When the grant ends (None: never, auth is off).
@@ -317,6 +322,7 @@ impl Grant {
     pub fn all() -> Grant {
         Grant {
             publish: vec!["*".into()],
+            cancel: vec!["*".into()],
             subscribe: vec!["*".into()],
             metrics: true,
             expires: None,
@@ -329,6 +335,7 @@ impl Grant {
     pub fn none() -> Grant {
         Grant {
             publish: Vec::new(),
+            cancel: Vec::new(),
             subscribe: Vec::new(),
             metrics: false,
             expires: Some(UNIX_EPOCH),
@@ -355,6 +362,14 @@ impl Grant {
     /// Whether this grant may append to, create, end and delete `stream`.
     pub fn may_publish(&self, stream: &str) -> bool {
         self.source == TokenSource::Bearer && self.publish.iter().any(|p| matches(p, stream))
+    }
+
+    /// Whether this grant may request a cancel of `stream`: publish, or the
+    /// claim's `cancel` patterns, with a Bearer token.
+    pub fn may_cancel(&self, stream: &str) -> bool {
+        self.may_publish(stream)
+            || (self.source == TokenSource::Bearer
+                && self.cancel.iter().any(|p| matches(p, stream)))
     }
 
     /// How long until the grant ends, from now (None: never).

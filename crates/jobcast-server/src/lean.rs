@@ -30,6 +30,8 @@ use crate::server::WriteTimeout;
 const MAX_HEAD: usize = 64 * 1024;
 /// Most headers parsed from a head.
 const MAX_HEADERS: usize = 48;
+/// What an HTTP/2 client with prior knowledge sends first (RFC 9113 §3.4).
+pub(crate) const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// What the first read of a connection found.
 pub(crate) enum Head {
@@ -37,6 +39,9 @@ pub(crate) enum Head {
     Watch(Box<http::Request<Body>>),
     /// A whole head of anything else: hand these bytes and the socket to hyper.
     Other(Bytes),
+    /// The HTTP/2 connection preface (h2c with prior knowledge): hand these
+    /// bytes and the socket to hyper's HTTP/2 server.
+    H2(Bytes),
     /// The peer closed before sending anything.
     Gone,
     /// The head did not arrive whole within the header timeout; `partial`
@@ -53,8 +58,8 @@ pub(crate) enum Head {
 /// for that head, whichever path then serves it (hyper is handed a complete
 /// head, so its own header timeout only applies to later requests of a
 /// keep-alive connection). With `lean` off, every head goes to hyper.
-pub(crate) async fn read_head(
-    sock: &mut WriteTimeout<TcpStream>,
+pub(crate) async fn read_head<S: AsyncRead + Unpin>(
+    sock: &mut S,
     timeout: Duration,
     lean: bool,
 ) -> Head {
@@ -65,17 +70,26 @@ pub(crate) async fn read_head(
                 Ok(0) | Err(_) => return None,
                 Ok(_) => {}
             }
+            let n = buf.len().min(H2_PREFACE.len());
+            if buf[..n] == H2_PREFACE[..n] {
+                if n == H2_PREFACE.len() {
+                    return Some(Ok(Err(())));
+                }
+                // A part of the preface: read on.
+                continue;
+            }
             match parse(&buf) {
                 Parsed::Partial if buf.len() < MAX_HEAD => continue,
                 Parsed::Partial => return Some(Err(())),
-                Parsed::Other => return Some(Ok(None)),
-                Parsed::Watch(req) => return Some(Ok(Some(req))),
+                Parsed::Other => return Some(Ok(Ok(None))),
+                Parsed::Watch(req) => return Some(Ok(Ok(Some(req)))),
             }
         }
     };
     match tokio::time::timeout(timeout, read).await {
-        Ok(Some(Ok(Some(req)))) if lean => Head::Watch(req),
-        Ok(Some(Ok(_))) => Head::Other(buf.freeze()),
+        Ok(Some(Ok(Ok(Some(req))))) if lean => Head::Watch(req),
+        Ok(Some(Ok(Ok(_)))) => Head::Other(buf.freeze()),
+        Ok(Some(Ok(Err(())))) => Head::H2(buf.freeze()),
         Ok(Some(Err(()))) => Head::TooLarge,
         // Closed mid-head: hyper answers what it can of it (a 400).
         Ok(None) if !buf.is_empty() => Head::Other(buf.freeze()),
@@ -88,8 +102,8 @@ pub(crate) async fn read_head(
 
 /// Writes a JSON error answer straight to the socket and closes it: for a
 /// head that could not be read (408, 431), before any HTTP machinery.
-pub(crate) async fn refuse(
-    mut sock: WriteTimeout<TcpStream>,
+pub(crate) async fn refuse<S: AsyncWrite + Unpin>(
+    mut sock: S,
     status: http::StatusCode,
     code: &str,
     message: &str,
@@ -363,6 +377,40 @@ mod tests {
 
     fn watch(head: &str) -> bool {
         matches!(parse(head.as_bytes()), Parsed::Watch(_))
+    }
+
+    /// The HTTP/2 preface is recognised even when it arrives in pieces, and
+    /// the bytes read are handed on whole; a look-alike is HTTP/1.1.
+    #[tokio::test]
+    async fn the_h2_preface_is_recognised_in_pieces() {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let reader =
+            tokio::spawn(
+                async move { read_head(&mut server, Duration::from_secs(10), true).await },
+            );
+        client.write_all(b"PRI * HTTP/2").await.unwrap();
+        tokio::task::yield_now().await;
+        client
+            .write_all(b".0\r\n\r\nSM\r\n\r\n\x00\x00")
+            .await
+            .unwrap();
+        match reader.await.unwrap() {
+            Head::H2(bytes) => {
+                assert!(bytes.starts_with(H2_PREFACE));
+                assert!(bytes.len() >= H2_PREFACE.len());
+            }
+            _ => panic!("not taken for HTTP/2"),
+        }
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        client
+            .write_all(b"PRI /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(matches!(
+            read_head(&mut server, Duration::from_secs(10), true).await,
+            Head::Other(_)
+        ));
     }
 
     #[test]

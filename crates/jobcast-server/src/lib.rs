@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod time;
+pub mod tls;
 pub mod watch;
 
 use std::future::Future;
@@ -47,6 +48,7 @@ pub fn lean_head_is_watch(head: &[u8]) -> bool {
 #[derive(Debug, Clone)]
 pub struct Jobcast {
     state: http::AppState,
+    tls: Option<tls::Tls>,
 }
 
 impl Jobcast {
@@ -69,6 +71,7 @@ impl Jobcast {
                 config: Arc::new(config),
                 shutdown: CancellationToken::new(),
             },
+            tls: None,
         })
     }
 
@@ -98,12 +101,19 @@ impl Jobcast {
         http::app(self.state.clone())
     }
 
+    /// Serves TLS (ALPN `h2` and `http/1.1`) instead of plain HTTP. Keep a
+    /// clone of `tls` to [`tls::Tls::reload`] the certificate while serving.
+    pub fn with_tls(mut self, tls: tls::Tls) -> Jobcast {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Serves on `listener` until `shutdown` completes, then shuts down gracefully.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        server::serve(listener, self.state, shutdown).await
+        server::serve_with(listener, self.state, self.tls, shutdown).await
     }
 }

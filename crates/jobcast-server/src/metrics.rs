@@ -68,6 +68,11 @@ struct Reason {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtoLabel {
+    proto: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
     outcome: &'static str,
 }
@@ -92,6 +97,7 @@ struct Inner {
     store_errors: Counter,
     write_timeouts: Counter,
     refused: Family<Reason, Counter>,
+    accepted: Family<ProtoLabel, Counter>,
     append_seconds: Histogram,
     publish_to_write_seconds: Histogram,
     memory_used: Gauge,
@@ -121,6 +127,7 @@ impl Metrics {
         let store_errors = Counter::default();
         let write_timeouts = Counter::default();
         let refused = Family::<Reason, Counter>::default();
+        let accepted = Family::<ProtoLabel, Counter>::default();
         // 50 µs .. ~26 s
         let append_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 20));
         let publish_to_write_seconds = Histogram::new(exponential_buckets(0.000_01, 2.0, 22));
@@ -171,6 +178,11 @@ impl Metrics {
             "Connections answered 503/429 and closed at a connection limit, by limit",
             refused.clone(),
         );
+        registry.register(
+            "connections_accepted",
+            "TCP connections admitted, by the protocol they spoke (http1, h2c, http1_tls, h2; none: closed before a request)",
+            accepted.clone(),
+        );
         let notify_queue = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "pg_notify_queue_usage_ratio",
@@ -219,6 +231,7 @@ impl Metrics {
                 store_errors,
                 write_timeouts,
                 refused,
+                accepted,
                 append_seconds,
                 publish_to_write_seconds,
                 memory_used,
@@ -250,6 +263,15 @@ impl Metrics {
         self.inner
             .refused
             .get_or_create(&Reason { reason: limit })
+            .inc();
+    }
+
+    /// A connection was admitted and spoke `proto` (`http1`, `h2c`,
+    /// `http1_tls`, `h2`, or `none`).
+    pub fn connection_accepted(&self, proto: &'static str) {
+        self.inner
+            .accepted
+            .get_or_create(&ProtoLabel { proto })
             .inc();
     }
 

@@ -31,6 +31,12 @@ pub enum Resume {
     Live,
     /// After this id (Last-Event-ID, `?last_event_id=`, `?after=`).
     After(EventId),
+    /// The last N events of the log (`?from=tail:N`), then live: never a
+    /// reset (the first event's id says where it begins). N = 0 is
+    /// [`Resume::Live`] (see [`Watch::new`]); N beyond the log, or beyond
+    /// what retention kept, is the first kept event; on an ended stream the
+    /// N include `jobcast.end`.
+    Tail(u64),
 }
 
 /// Where a watcher starts: the seq it has (events after it are sent), and a
@@ -87,6 +93,10 @@ pub fn start(meta: &StreamMeta, resume: &Resume) -> Start {
         }
         Resume::After(id) => Start {
             sent: id.seq,
+            reset: None,
+        },
+        Resume::Tail(n) => Start {
+            sent: meta.head.saturating_sub(*n).max(oldest),
             reset: None,
         },
     };
@@ -408,6 +418,11 @@ pub struct Watch {
 impl Watch {
     /// A watch of a stream from `resume`; `seed` drives the backoff jitter.
     pub fn new(mode: Mode, resume: Resume, settings: Settings, now: Instant, seed: u64) -> Watch {
+        // `tail:0` is `live`, with everything `live` means (the head at subscribing).
+        let resume = match resume {
+            Resume::Tail(0) => Resume::Live,
+            other => other,
+        };
         Watch {
             mode,
             resume,
@@ -523,10 +538,10 @@ impl Watch {
     }
 
     /// The stream is not there: wait for it. Its creation will be new, so
-    /// `from=live` (head 0 at subscribing) gets everything.
+    /// `from=live` and `from=tail:N` (head 0 at subscribing) get everything.
     fn absent(&mut self) {
         self.phase = Phase::Absent;
-        if self.resume == Resume::Live {
+        if matches!(self.resume, Resume::Live | Resume::Tail(_)) {
             self.resume = Resume::Start;
         }
     }
@@ -809,7 +824,8 @@ impl Watch {
         match &self.resume {
             Resume::After(id) => id.seq,
             Resume::Start => 0,
-            Resume::Live => u64::MAX,
+            // Where the tail starts is known only from the stream's head.
+            Resume::Live | Resume::Tail(_) => u64::MAX,
         }
     }
 
@@ -884,7 +900,9 @@ impl Watch {
                 {
                     return self.respond(page.meta, Vec::new());
                 }
-                if matches!(self.phase, Phase::Follow(_)) && self.resume == Resume::Live {
+                if matches!(self.phase, Phase::Follow(_))
+                    && matches!(self.resume, Resume::Live | Resume::Tail(_))
+                {
                     self.resume = Resume::Start;
                 }
                 self.begin(&page.meta, sub);
@@ -1003,6 +1021,8 @@ mod tests {
             first_seq: 1,
             created_at: 0,
             updated_at: 0,
+            labels: Default::default(),
+            cancel_requested: false,
         }
     }
 
@@ -1072,6 +1092,54 @@ mod tests {
             },
         );
         assert_eq!(c.take_page(&m, &[]), PageStep::Trimmed);
+    }
+
+    /// `tail:N` at its edges: inside the log, longer than it, after
+    /// trimming, across the end; never a reset.
+    #[test]
+    fn tail_start_points() {
+        let open = meta(10, StreamState::Open);
+        let at = |m: &StreamMeta, n| {
+            let s = start(m, &Resume::Tail(n));
+            assert_eq!(s.reset, None, "tail:{n} never resets");
+            s.sent
+        };
+        assert_eq!(at(&open, 3), 7);
+        assert_eq!(at(&open, 10), 0);
+        assert_eq!(at(&open, 11), 0);
+        assert_eq!(at(&open, u64::MAX), 0);
+        let mut trimmed = open.clone();
+        trimmed.first_seq = 6;
+        assert_eq!(at(&trimmed, 3), 7);
+        assert_eq!(at(&trimmed, 5), 5);
+        assert_eq!(at(&trimmed, 8), 5, "the first kept event, no reset");
+        // Completed at seq 5 (the end): the last N include it.
+        let done = meta(5, StreamState::Completed);
+        assert_eq!(at(&done, 1), 4);
+        assert_eq!(at(&done, 2), 3);
+        assert_eq!(at(&done, 9), 0);
+        assert!(!at_end(&done, &Resume::Tail(1)), "never a 204");
+    }
+
+    /// `tail:0` is `live`: the head at subscribing, nothing of the log.
+    #[test]
+    fn tail_zero_is_live() {
+        let hub = Hub::new(1 << 20);
+        let sub = hub.subscribe("s");
+        let now = Instant::now();
+        let mut w = Watch::new(Mode::Sse, Resume::Tail(0), settings(now), now, 1);
+        assert!(matches!(w.next(now, &sub), Step::ReadMeta));
+        let step = w.on_meta(now, &sub, Ok(Some(meta(4, StreamState::Open))));
+        assert!(matches!(step, Step::Wait { .. }), "{step:?}");
+        assert_eq!(w.position(), Some(("ep", 4)));
+        // And before creation, everything the stream will hold is new.
+        let mut w = Watch::new(Mode::Sse, Resume::Tail(3), settings(now), now, 1);
+        assert!(matches!(w.next(now, &sub), Step::ReadMeta));
+        let _ = w.on_meta(now, &sub, Ok(None));
+        hub.changed("s");
+        assert!(matches!(w.next(now, &sub), Step::ReadMeta));
+        let step = w.on_meta(now, &sub, Ok(Some(meta(2, StreamState::Open))));
+        assert!(matches!(step, Step::ReadPage { after: 0, .. }), "{step:?}");
     }
 
     #[test]

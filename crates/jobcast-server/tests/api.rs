@@ -58,10 +58,12 @@ fn assert_meta(m: &Value) {
     assert_eq!(
         keys(m),
         [
+            "cancel_requested",
             "created_at",
             "epoch",
             "events",
             "id",
+            "labels",
             "last_id",
             "state",
             "updated_at",

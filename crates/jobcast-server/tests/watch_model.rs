@@ -59,6 +59,8 @@ impl Creation {
             first_seq: self.first_seq,
             created_at: 0,
             updated_at: 0,
+            labels: Default::default(),
+            cancel_requested: false,
         }
     }
 }
@@ -102,6 +104,8 @@ enum End {
 struct Seen {
     /// The same at the first store snapshot.
     at_first_read: Option<Option<(String, u64, bool)>>,
+    /// The seq before the first kept event at that snapshot (retention).
+    oldest_at_first_read: u64,
 }
 
 struct Conn {
@@ -371,10 +375,15 @@ impl Model {
 
     fn random_resume(&mut self, id: &str) -> Resume {
         let head = self.head_of(id);
-        match self.rng.random_range(0..8) {
+        match self.rng.random_range(0..10) {
             0 | 1 => Resume::Start,
             2 | 3 => Resume::Live,
             4 => Resume::After(EventId::new("zz", self.rng.random_range(0..5))),
+            // `tail:N`: 0 (live), inside the log, and past its length.
+            8 | 9 => {
+                let len = head.as_ref().map_or(0, |h| h.1);
+                Resume::Tail(self.rng.random_range(0..=len + 3))
+            }
             _ => {
                 // A position in this or an earlier creation of the stream.
                 let old: Vec<&Creation> = self.creations.iter().filter(|c| c.id == id).collect();
@@ -409,6 +418,7 @@ impl Model {
         };
         let seen = Seen {
             at_first_read: None,
+            oldest_at_first_read: 0,
         };
         let seed = self.rng.random();
         let w = Watch::new(mode, resume.clone(), settings, self.now, seed);
@@ -505,7 +515,12 @@ impl Model {
     fn first_read(&mut self, i: usize) {
         if self.conns[i].seen.at_first_read.is_none() {
             let h = self.head_of(&self.conns[i].id);
+            let oldest = self
+                .current
+                .get(&self.conns[i].id)
+                .map_or(0, |&c| self.creations[c].first_seq.saturating_sub(1));
             self.conns[i].seen.at_first_read = Some(h);
+            self.conns[i].seen.oldest_at_first_read = oldest;
         }
     }
 
@@ -852,8 +867,8 @@ impl Model {
             let asked = match &conn.resume {
                 Resume::After(id) => *id == req,
                 Resume::Start => req == EventId::new(epoch, 0),
-                // A live position trimmed away while a page waited.
-                Resume::Live => {
+                // A live or tail position trimmed away while a page waited.
+                Resume::Live | Resume::Tail(_) => {
                     let head = conn.seen.at_first_read.clone().flatten();
                     // Before creation, live is the start.
                     req.epoch == epoch && head.map_or(req.seq == 0, |(_, h, _)| req.seq <= h)
@@ -892,8 +907,30 @@ impl Model {
             Resume::Start if before_first != 0 => {
                 return Err(format!("from the start, but started after {before_first}"));
             }
+            // The last n events of the log as the first snapshot showed it
+            // (the machine starts from that snapshot): from the first kept
+            // one when the log is shorter, `jobcast.end` included; a stream
+            // created later is new from its first event.
+            Resume::Tail(n) if *n > 0 => match conn.seen.at_first_read.clone().flatten() {
+                None if before_first != 0 => {
+                    return Err(format!(
+                        "tail:{n} before creation started after {before_first}, not 0"
+                    ));
+                }
+                Some((e, head, _)) if e == epoch => {
+                    let expected = head.saturating_sub(*n).max(conn.seen.oldest_at_first_read);
+                    if before_first != expected {
+                        return Err(format!(
+                            "tail:{n} of a log at {head} (kept after {}) started after \
+                             {before_first}, not {expected}",
+                            conn.seen.oldest_at_first_read
+                        ));
+                    }
+                }
+                _ => {}
+            },
             Resume::Start => {}
-            Resume::Live => {
+            Resume::Live | Resume::Tail(_) => {
                 let first = conn.seen.at_first_read.clone().flatten();
                 match first {
                     // The stream did not exist: its creation is new.

@@ -61,7 +61,7 @@ pub(crate) struct ReadyArgs {
 pub(crate) struct TailArgs {
     /// The stream to follow.
     stream: String,
-    /// Where to start: `start` (the whole log), `live` (only new events), or an event id (the events after it).
+    /// Where to start: `start` (the whole log), `live` (only new events), `tail:N` (the last N events, then new ones), or an event id (the events after it).
     #[arg(long, default_value = "start", value_parser = parse_start)]
     from: Start,
     /// Print one JSON object per line, `{"id","type","data"}` (the end too), instead of the data.
@@ -136,7 +136,7 @@ pub(crate) struct StreamsArgs {
 
 fn parse_start(s: &str) -> Result<Start, String> {
     s.parse()
-        .map_err(|_| "expected start, live or an event id such as k3x9q-42".to_owned())
+        .map_err(|_| "expected start, live, tail:N or an event id such as k3x9q-42".to_owned())
 }
 
 fn parse_state(s: &str) -> Result<StreamState, String> {

@@ -227,6 +227,23 @@ struct ServeArgs {
         value_name = "H"
     )]
     allowed_host: Vec<String>,
+    /// Serve TLS with this PEM certificate chain (leaf first); HTTP/2 and
+    /// HTTP/1.1 by ALPN. Reloaded with the key on SIGHUP.
+    #[arg(
+        long,
+        env = "JOBCAST_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "JOBCAST_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<std::path::PathBuf>,
     /// Serve without authentication on a non-loopback address (anyone who
     /// can reach it may publish, delete and watch every stream).
     #[arg(long, env = "JOBCAST_INSECURE_NO_AUTH")]
@@ -358,9 +375,27 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let server = Jobcast::open(config)
         .await
         .with_context(|| format!("opening the store {db_shown}"))?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = jobcast_server::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            Some(jobcast_server::tls::Tls::load(files).context("--tls-cert / --tls-key")?)
+        }
+        _ => None,
+    };
+    let server = match &tls {
+        Some(tls) => {
+            reload_on_sighup(tls.clone());
+            server.with_tls(tls.clone())
+        }
+        None => server,
+    };
     let listener = listen(args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, db = %db_shown, "jobcast listening");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, scheme, db = %db_shown, "jobcast listening");
     server.serve(listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
@@ -403,6 +438,36 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
+}
+
+/// Reads the certificate and key again on every SIGHUP; a file that does
+/// not load leaves the certificate in use as it is (and says why).
+fn reload_on_sighup(tls: jobcast_server::tls::Tls) {
+    #[cfg(unix)]
+    {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP: no certificate reloads");
+                return;
+            }
+        };
+        // Lives as long as the process: one wait per SIGHUP.
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match tls.reload() {
+                    Ok(()) => {
+                        tracing::info!(cert = %tls.files().cert.display(), "TLS certificate reloaded")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "TLS certificate reload failed; the previous one stays in use")
+                    }
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = tls;
 }
 
 /// Completes at Ctrl-C or SIGTERM.

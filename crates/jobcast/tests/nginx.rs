@@ -25,6 +25,98 @@ async fn cluster() -> (TestDb, Vec<Server>, Nginx) {
     (db, nodes, nginx)
 }
 
+/// What docs/operations.md shows is what the tests run (both configs).
+#[test]
+fn operations_md_shows_the_tested_h2_config() {
+    let ops = std::fs::read_to_string(nginx::repo().join("docs/operations.md")).unwrap();
+    let conf = nginx::documented("jobcast-h2.conf");
+    assert!(
+        ops.contains(&format!("```nginx\n{conf}```")),
+        "docs/operations.md must show docs/nginx/jobcast-h2.conf verbatim in an ```nginx block"
+    );
+}
+
+/// nginx terminating TLS with HTTP/2 in front of two nodes (the documented
+/// jobcast-h2.conf): a page's 50 watches on one HTTP/2 connection to nginx,
+/// each stream produced through the same connection, every event exactly
+/// once, in order, then the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_watches_on_one_http2_connection_through_nginx() {
+    let db = TestDb::create().await;
+    let nodes: Vec<Server> = (0..2)
+        .map(|_| Server::start_with(&db.url, 0, &["--heartbeat", "1s"]).expect("start node"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, cert.cert.pem()).unwrap();
+    std::fs::write(&key_file, cert.key_pair.serialize_pem()).unwrap();
+    let nginx = Nginx::start_h2([nodes[0].port, nodes[1].port], &cert_file, &key_file);
+    let client = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let streams: Vec<String> = (0..50).map(|i| format!("page-{i}")).collect();
+    let mut watches = Vec::new();
+    for s in &streams {
+        let mut w = Watcher::new(s);
+        let mut sse = match w.open(&client, &nginx.url).await {
+            Ok(sse) => sse,
+            Err(close) => panic!("watch {s} through nginx: {close:?}\n{}", nginx.error_log()),
+        };
+        // The retry line: the response is open, through nginx, before any event.
+        match sse.next_frame(Duration::from_secs(30)).await {
+            Some(Frame::Retry(_)) => {}
+            other => panic!("{s}: first frame {other:?}"),
+        }
+        for name in ["connection", "keep-alive", "transfer-encoding"] {
+            assert!(
+                sse.headers.get(name).is_none(),
+                "{name} on HTTP/2: {:?}",
+                sse.headers
+            );
+        }
+        watches.push((w, sse));
+    }
+    let res = client
+        .get(format!("{}/healthz", nginx.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.version(),
+        reqwest::Version::HTTP_2,
+        "nginx speaks HTTP/2 to the client"
+    );
+    let urls = vec![nginx.url.clone()];
+    for round in 1..=5 {
+        for s in &streams {
+            assert_eq!(
+                sse::append(&client, &nginx.url, s, &format!("{s} {round}")).await,
+                round
+            );
+        }
+    }
+    for s in &streams {
+        sse::complete(&client, &urls, s, 10).await;
+    }
+    let reads = watches.into_iter().map(|(mut w, mut sse)| async move {
+        let close = w.read(&mut sse, None).await;
+        (w, close)
+    });
+    for (w, close) in futures::future::join_all(reads).await {
+        assert_eq!(close, Some(Close::End), "{}", w.stream);
+        let expected: Vec<String> = (1..=5).map(|r| format!("{} {r}", w.stream)).collect();
+        w.assert_exactly_once(&expected);
+        assert_eq!(
+            w.connections, 1,
+            "{}: one response carried everything",
+            w.stream
+        );
+    }
+}
+
 /// What docs/operations.md shows is what the test runs.
 #[test]
 fn operations_md_shows_the_tested_config() {

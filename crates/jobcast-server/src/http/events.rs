@@ -49,11 +49,12 @@ pub(super) async fn append(
             epoch,
             first_seq,
             last_seq,
+            cancel_requested,
         } => {
             state.metrics.appended(count, started.elapsed());
             Ok(json_response(
                 StatusCode::CREATED,
-                append_response_body(&epoch, first_seq, last_seq),
+                append_response_body(&epoch, first_seq, last_seq, cancel_requested),
             ))
         }
         WriteOutcome::Replayed { status, body } => Ok(replayed(status, body)),
@@ -94,7 +95,10 @@ pub(super) async fn read(
     page(state, id, &q, expires).await
 }
 
-/// The resume point: an explicit id, else `from=start|live`, else the start.
+/// The largest N of `from=tail:N` (for more, `from=start`).
+const MAX_TAIL: u64 = 1_000_000;
+
+/// The resume point: an explicit id, else `from=start|live|tail:N`, else the start.
 fn resume(id: Option<&str>, q: &HashMap<String, String>) -> Result<Resume, ApiError> {
     if let Some(id) = id {
         return EventId::parse(id)
@@ -102,11 +106,33 @@ fn resume(id: Option<&str>, q: &HashMap<String, String>) -> Result<Resume, ApiEr
             .map_err(|e| ApiError::bad_request("invalid_event_id", e.to_string()));
     }
     match param(q, "from") {
-        None | Some("start") => Ok(Resume::Start),
-        Some("live") => Ok(Resume::Live),
-        Some(_) => Err(ApiError::bad_request(
-            "invalid_from",
-            "from is start or live",
+        None => Ok(Resume::Start),
+        Some(from) => {
+            parse_from(from).map_err(|message| ApiError::bad_request("invalid_from", message))
+        }
+    }
+}
+
+/// `start`, `live` or `tail:N` (N whole, 0..=[`MAX_TAIL`]); else the reason.
+fn parse_from(from: &str) -> Result<Resume, String> {
+    match from {
+        "start" => return Ok(Resume::Start),
+        "live" => return Ok(Resume::Live),
+        _ => {}
+    }
+    let Some(n) = from.strip_prefix("tail:") else {
+        return Err("from is start, live or tail:N".into());
+    };
+    // Digits only: no sign, no spaces, no exponent; at most 7 of them.
+    if n.is_empty() || n.len() > 7 || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "tail:N takes a whole number of events, 0..{MAX_TAIL} (e.g. tail:100)"
+        ));
+    }
+    match n.parse::<u64>() {
+        Ok(n) if n <= MAX_TAIL => Ok(Resume::Tail(n)),
+        _ => Err(format!(
+            "tail:N takes a whole number of events, 0..{MAX_TAIL} (e.g. tail:100)"
         )),
     }
 }
@@ -221,4 +247,36 @@ fn page_response(p: &PageAnswer) -> Response {
         body["reset"] = serde_json::to_value::<&ResetPayload>(reset).unwrap_or_default();
     }
     json_response(StatusCode::OK, to_json(&body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_values() {
+        assert_eq!(parse_from("start"), Ok(Resume::Start));
+        assert_eq!(parse_from("live"), Ok(Resume::Live));
+        assert_eq!(parse_from("tail:0"), Ok(Resume::Tail(0)));
+        assert_eq!(parse_from("tail:007"), Ok(Resume::Tail(7)));
+        assert_eq!(parse_from("tail:1000000"), Ok(Resume::Tail(MAX_TAIL)));
+        for bad in [
+            "tail:",
+            "tail:-1",
+            "tail:+1",
+            "tail: 1",
+            "tail:1.5",
+            "tail:1e3",
+            "tail:abc",
+            "tail:1000001",
+            "tail:99999999999999999999999",
+            "tail",
+            "TAIL:1",
+            "tail:1 ",
+            "Start",
+            "",
+        ] {
+            assert!(parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -24,6 +24,9 @@ pub enum Need {
     Subscribe,
     /// Publish on the path's stream (`{id}`), with a Bearer token.
     Publish,
+    /// Cancel on the path's stream (`{id}`): publish, or the claim's
+    /// `cancel` patterns, with a Bearer token.
+    Cancel,
     /// The `metrics` claim.
     Metrics,
 }
@@ -68,6 +71,10 @@ pub(super) async fn guard(
             return unauthorized(AuthError::BearerRequired)
         }
         Need::Publish => stream.is_some_and(|s| grant.may_publish(&s)),
+        Need::Cancel if grant.source != TokenSource::Bearer => {
+            return unauthorized(AuthError::BearerRequired)
+        }
+        Need::Cancel => stream.is_some_and(|s| grant.may_cancel(&s)),
     };
     if !allowed {
         return ApiError::new(

@@ -289,6 +289,60 @@ fn check_end_size(text: &str, limits: Limits) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Most labels on one stream.
+pub const MAX_LABELS: usize = 16;
+/// Longest label key, in bytes.
+pub const MAX_LABEL_KEY: usize = 63;
+/// Longest label value, in bytes.
+pub const MAX_LABEL_VALUE: usize = 256;
+
+/// Whether `key` may name a label: 1 to [`MAX_LABEL_KEY`] bytes of ASCII
+/// letters, digits, `_`, `-`, `.` and `/` (Kubernetes-like keys such as
+/// `app.example.com/team` fit).
+pub fn valid_label_key(key: &str) -> bool {
+    (1..=MAX_LABEL_KEY).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'/'))
+}
+
+/// `PUT /v1/streams/{id}`'s body: `{"labels": {key: string}}`, at most
+/// [`MAX_LABELS`] keys; else 400 `invalid_labels`.
+pub fn parse_labels(body: &[u8]) -> Result<crate::store::Labels, ApiError> {
+    let invalid = |why: String| ApiError::bad_request("invalid_labels", why);
+    let Some(members) = parse_object(body)? else {
+        return Ok(Default::default());
+    };
+    reject_unknown(&members, &["labels"])?;
+    let Some(raw) = members.get("labels") else {
+        return Ok(Default::default());
+    };
+    let map: std::collections::BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(raw.get())
+            .map_err(|_| invalid("labels must be an object of strings".into()))?;
+    if map.len() > MAX_LABELS {
+        return Err(invalid(format!("at most {MAX_LABELS} labels")));
+    }
+    let mut labels = crate::store::Labels::new();
+    for (k, v) in map {
+        if !valid_label_key(&k) {
+            return Err(invalid(format!(
+                "label key {k:?}: 1 to {MAX_LABEL_KEY} of A-Z a-z 0-9 _ - . /"
+            )));
+        }
+        let serde_json::Value::String(v) = v else {
+            return Err(invalid(format!("label {k:?} must be a string")));
+        };
+        if v.len() > MAX_LABEL_VALUE || v.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "label {k:?}: at most {MAX_LABEL_VALUE} bytes, no control characters"
+            )));
+        }
+        labels.insert(k, v);
+    }
+    Ok(labels)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -94,6 +94,7 @@ fn routes(state: &AppState) -> Routes {
             streams::complete,
         )
         .add(M::POST, "/v1/streams/{id}/fail", Publish, streams::fail)
+        .add(M::POST, "/v1/streams/{id}/cancel", Cancel, streams::cancel)
         .add(M::GET, "/healthz", Public, healthz)
         .add(M::GET, "/readyz", Public, readyz)
         .add(M::GET, "/metrics", Metrics, metrics)

@@ -42,15 +42,24 @@ pub(super) fn replayed(status: u16, body: String) -> Response {
     res
 }
 
-/// `PUT /v1/streams/{id}`: 201 when created, 200 when it existed.
+/// `PUT /v1/streams/{id}`, body absent or `{"labels": {…}}` (which
+/// replaces the labels): 201 when created, 200 when it existed.
 pub(super) async fn create(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
     let id = stream_id(&id)?;
+    let op = if body.iter().all(u8::is_ascii_whitespace) {
+        WriteOp::Create
+    } else {
+        input::check_content_type(&headers)?;
+        WriteOp::Label(input::parse_labels(&body)?)
+    };
     let req = WriteRequest {
         stream: id.to_owned(),
-        op: WriteOp::Create,
+        op,
         idempotency: None,
     };
     match state.store.write(req).await? {
@@ -151,6 +160,35 @@ async fn end(
     }
 }
 
+/// `POST /v1/streams/{id}/cancel`: appends `jobcast.cancel_requested`
+/// (data `{"by": subject}` when the token names one) and sets
+/// `cancel_requested`, once; 200 with the metadata either way (idempotent),
+/// 409 `stream_ended` once ended, 404 when missing.
+pub(super) async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    grant: Option<Extension<Grant>>,
+) -> Result<Response, ApiError> {
+    let id = stream_id(&id)?;
+    let by = grant.and_then(|Extension(g)| g.subject);
+    let data = match by {
+        Some(by) => serde_json::json!({ "by": by }).to_string(),
+        None => "{}".to_owned(),
+    };
+    let req = WriteRequest {
+        stream: id.to_owned(),
+        op: WriteOp::Cancel { data },
+        idempotency: None,
+    };
+    match state.store.write(req).await? {
+        WriteOutcome::CancelRequested { meta, .. } => {
+            Ok(meta_response(&state, StatusCode::OK, &meta))
+        }
+        WriteOutcome::Refused(r) => Err(refusal(id, r)),
+        other => Err(unexpected(other)),
+    }
+}
+
 /// `GET /v1/streams?state=&limit=&after=`: newest created first, only the
 /// streams the token may subscribe to.
 pub(super) async fn list(
@@ -187,11 +225,14 @@ pub(super) async fn list(
     // by its patterns, so every row looked at is a row returned, and the
     // cursor never stands on a stream the reader cannot see.
     let patterns = (grant != Grant::all()).then(|| grant.subscribe_patterns().to_vec());
+    let Filters { prefix, labels } = list_filters(&q)?;
     let query = ListQuery {
         state: filter,
         limit: limit + 1,
         after,
         patterns,
+        prefix,
+        labels,
     };
     let mut rows = state.store.list(&query).await?;
     let more = rows.len() > limit as usize;
@@ -209,6 +250,38 @@ pub(super) async fn list(
         StatusCode::OK,
         to_json(&serde_json::json!({ "streams": streams, "next": next })),
     ))
+}
+
+/// The list's filters besides the state: `prefix=` (of the id) and
+/// `label.K=V` (each one must match).
+pub(super) fn list_filters(
+    q: &std::collections::HashMap<String, String>,
+) -> Result<Filters, ApiError> {
+    let prefix = param(q, "prefix").map(str::to_owned);
+    let mut labels = Vec::new();
+    let mut q: Vec<_> = q.iter().collect();
+    q.sort();
+    for (k, v) in q {
+        if let Some(key) = k.strip_prefix("label.") {
+            if !input::valid_label_key(key) {
+                return Err(ApiError::bad_request(
+                    "invalid_labels",
+                    format!("label key {key:?}: 1 to 63 of A-Z a-z 0-9 _ - . /"),
+                ));
+            }
+            labels.push((key.to_owned(), v.clone()));
+        }
+    }
+    Ok(Filters { prefix, labels })
+}
+
+/// The list's `prefix=` and `label.K=V` filters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Filters {
+    /// Only ids starting with this.
+    pub(super) prefix: Option<String>,
+    /// Only streams with every one of these labels.
+    pub(super) labels: Vec<(String, String)>,
 }
 
 /// The list cursor: base64url of `{created_at ms}:{id}` of the last stream

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jobcast_protocol::END_EVENT;
+use jobcast_protocol::{CANCEL_EVENT, END_EVENT};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -184,16 +184,28 @@ pub(super) fn encode(req: &WriteRequest, key: i64, epoch: &str, first_seq: u64) 
             [(END_EVENT, data.as_str())],
             true,
         )),
-        WriteOp::Create | WriteOp::Delete => None,
+        WriteOp::Cancel { data } => Some(Batch::encode(
+            key,
+            epoch,
+            first_seq,
+            [(CANCEL_EVENT, data.as_str())],
+            false,
+        )),
+        WriteOp::Create | WriteOp::Delete | WriteOp::Label(_) => None,
     }
 }
 
 pub(super) fn size_of(req: &WriteRequest) -> (usize, usize) {
     match &req.op {
         WriteOp::Append(events) => (events.len(), events.iter().map(|e| e.data.len()).sum()),
-        WriteOp::End { data, .. } => (1, data.len()),
-        WriteOp::Create | WriteOp::Delete => (1, 0),
+        WriteOp::End { data, .. } | WriteOp::Cancel { data } => (1, data.len()),
+        WriteOp::Create | WriteOp::Delete | WriteOp::Label(_) => (1, 0),
     }
+}
+
+/// Whether an operation creates its stream when it is missing.
+fn creates(op: &WriteOp) -> bool {
+    matches!(op, WriteOp::Create | WriteOp::Append(_) | WriteOp::Label(_))
 }
 
 /// How many requests at the front of `group` can share one transaction:
@@ -206,7 +218,7 @@ pub(super) fn cut(group: &[(WriteRequest, Reply)]) -> usize {
     // missing, and whether an earlier request deleted it.
     let mut seen: HashMap<&str, (bool, bool)> = HashMap::new();
     for (i, (req, _)) in group.iter().enumerate() {
-        let creates = matches!(req.op, WriteOp::Create | WriteOp::Append(_));
+        let creates = creates(&req.op);
         match seen.get_mut(req.stream.as_str()) {
             None => {
                 seen.insert(&req.stream, (creates, matches!(req.op, WriteOp::Delete)));
@@ -241,8 +253,7 @@ impl<'a> Wanted<'a> {
         let mut keys = Vec::new();
         for (req, _) in group {
             if index.insert(&req.stream, ()).is_none() {
-                let creates = matches!(req.op, WriteOp::Create | WriteOp::Append(_));
-                streams.push((&req.stream, creates));
+                streams.push((&req.stream, creates(&req.op)));
             }
             if let Some(idem) = &req.idempotency {
                 keys.push((req.stream.as_str(), idem.key.as_str()));
@@ -365,6 +376,59 @@ pub(super) fn decide<'a>(
                 created: fresh,
                 meta: c.meta.clone(),
             },
+            (WriteOp::Label(labels), Some(c)) => {
+                if c.meta.labels != *labels {
+                    c.meta.labels = labels.clone();
+                    c.meta.updated_at = crate::time::now_ms();
+                    c.dirty = true;
+                    plan.publish.push(Publish::Changed {
+                        stream: req.stream.clone(),
+                        deleted: None,
+                    });
+                }
+                WriteOutcome::Created {
+                    created: fresh,
+                    meta: c.meta.clone(),
+                }
+            }
+            (WriteOp::Cancel { data }, Some(c)) => {
+                if c.meta.ended() {
+                    WriteOutcome::Refused(Refusal::StreamEnded)
+                } else if c.meta.cancel_requested {
+                    WriteOutcome::CancelRequested {
+                        meta: c.meta.clone(),
+                        appended: false,
+                    }
+                } else {
+                    let seq = c.meta.head + 1;
+                    let time = crate::time::now_ms();
+                    plan.events.push(EventRow {
+                        key: c.meta.key,
+                        seq,
+                        event_type: CANCEL_EVENT,
+                        data,
+                        time,
+                    });
+                    c.meta.head = seq;
+                    c.meta.cancel_requested = true;
+                    c.meta.updated_at = time;
+                    if let Some(max) = max_events {
+                        c.meta.first_seq = c.meta.first_seq.max((seq + 1).saturating_sub(max));
+                    }
+                    c.dirty = true;
+                    plan.publish.push(Publish::Events {
+                        index,
+                        key: c.meta.key,
+                        epoch: c.meta.epoch.clone(),
+                        first_seq: seq,
+                        last_seq: seq,
+                    });
+                    WriteOutcome::CancelRequested {
+                        meta: c.meta.clone(),
+                        appended: true,
+                    }
+                }
+            }
             (WriteOp::Delete, Some(c)) => {
                 plan.deletes.push(c.meta.key);
                 plan.publish.push(Publish::Changed {
@@ -397,7 +461,8 @@ pub(super) fn decide<'a>(
                         c.meta.first_seq = c.meta.first_seq.max((last_seq + 1).saturating_sub(max));
                     }
                     c.dirty = true;
-                    let body = append_response_body(&c.meta.epoch, first_seq, last_seq);
+                    let cancel = c.meta.cancel_requested;
+                    let body = append_response_body(&c.meta.epoch, first_seq, last_seq, cancel);
                     remember(&mut plan, &mut remembered, c, req, 201, body, time);
                     plan.publish.push(Publish::Events {
                         index,
@@ -410,6 +475,7 @@ pub(super) fn decide<'a>(
                         epoch: c.meta.epoch.clone(),
                         first_seq,
                         last_seq,
+                        cancel_requested: cancel,
                     }
                 }
             }
@@ -569,6 +635,8 @@ mod tests {
             first_seq: 1,
             created_at: 0,
             updated_at: 0,
+            labels: Default::default(),
+            cancel_requested: false,
         }
     }
 

@@ -73,6 +73,60 @@ pub struct StreamMeta {
     pub created_at: i64,
     /// Time of the last change, unix milliseconds.
     pub updated_at: i64,
+    /// Labels set with `PUT /v1/streams/{id}`.
+    pub labels: Labels,
+    /// Whether a cancel was requested (`POST /v1/streams/{id}/cancel`).
+    pub cancel_requested: bool,
+}
+
+/// A stream's labels: a small string map.
+pub type Labels = std::collections::BTreeMap<String, String>;
+
+/// The columns [`meta_from_row`] reads, in the order the rusqlite writer
+/// reads them by index.
+pub(crate) const META_COLUMNS: &str =
+    "key, id, epoch, state, head, first_seq, created_at, updated_at, labels, cancel_requested";
+
+/// Labels as stored (JSON text).
+pub(crate) fn labels_to_text(labels: &Labels) -> String {
+    serde_json::to_string(labels).unwrap_or_else(|_| "{}".into())
+}
+
+/// Labels from their stored text.
+pub(crate) fn labels_from_text(text: &str) -> Result<Labels, serde_json::Error> {
+    serde_json::from_str(text)
+}
+
+/// A stream's metadata from a row of [`META_COLUMNS`] read with sqlx
+/// (either backend).
+pub(crate) fn meta_from_row<'r, R>(row: &'r R) -> Result<StreamMeta, sqlx::Error>
+where
+    R: sqlx::Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let state: String = row.try_get("state")?;
+    let labels: String = row.try_get("labels")?;
+    Ok(StreamMeta {
+        key: row.try_get("key")?,
+        id: row.try_get("id")?,
+        epoch: row.try_get("epoch")?,
+        state: StreamState::parse(&state).ok_or_else(|| sqlx::Error::ColumnDecode {
+            index: "state".into(),
+            source: format!("unknown state {state:?}").into(),
+        })?,
+        head: row.try_get::<i64, _>("head")? as u64,
+        first_seq: row.try_get::<i64, _>("first_seq")? as u64,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        labels: labels_from_text(&labels).map_err(|e| sqlx::Error::ColumnDecode {
+            index: "labels".into(),
+            source: Box::new(e),
+        })?,
+        cancel_requested: row.try_get("cancel_requested")?,
+    })
 }
 
 impl StreamMeta {
@@ -97,6 +151,8 @@ impl StreamMeta {
             last_id: self.last_id().map(|i| i.to_string()),
             events: self.head,
             watchers,
+            labels: &self.labels,
+            cancel_requested: self.cancel_requested,
         }
     }
 }
@@ -112,6 +168,8 @@ pub struct MetaJson<'a> {
     last_id: Option<String>,
     events: u64,
     watchers: usize,
+    labels: &'a Labels,
+    cancel_requested: bool,
 }
 
 /// An event to append, validated by the caller.
@@ -161,6 +219,14 @@ pub enum WriteOp {
     },
     /// Delete the stream and its log.
     Delete,
+    /// Create the stream if needed and replace its labels.
+    Label(Labels),
+    /// Ask the producer to stop: append `jobcast.cancel_requested` with
+    /// `data` (JSON text) and set `cancel_requested`, once.
+    Cancel {
+        /// The data of the event.
+        data: String,
+    },
 }
 
 /// A request for the writer task.
@@ -196,6 +262,15 @@ pub enum WriteOutcome {
         first_seq: u64,
         /// The last new seq.
         last_seq: u64,
+        /// Whether a cancel of the stream was requested.
+        cancel_requested: bool,
+    },
+    /// A cancel was requested now (`appended`) or before.
+    CancelRequested {
+        /// Its metadata after the write.
+        meta: StreamMeta,
+        /// Whether this request appended `jobcast.cancel_requested`.
+        appended: bool,
     },
     /// The stream was created (`created`) or already existed.
     Created {
@@ -222,14 +297,23 @@ pub enum WriteOutcome {
     Refused(Refusal),
 }
 
-/// The answer to an append, as JSON (`{"first_id","last_id","count"}`).
-pub fn append_response_body(epoch: &str, first_seq: u64, last_seq: u64) -> String {
-    serde_json::json!({
+/// The answer to an append, as JSON (`{"first_id","last_id","count"}`,
+/// and `"cancel_requested": true` once a cancel was requested).
+pub fn append_response_body(
+    epoch: &str,
+    first_seq: u64,
+    last_seq: u64,
+    cancel_requested: bool,
+) -> String {
+    let mut body = serde_json::json!({
         "first_id": EventId::new(epoch, first_seq).to_string(),
         "last_id": EventId::new(epoch, last_seq).to_string(),
         "count": last_seq + 1 - first_seq,
-    })
-    .to_string()
+    });
+    if cancel_requested {
+        body["cancel_requested"] = serde_json::Value::Bool(true);
+    }
+    body.to_string()
 }
 
 /// One consistent read: the stream's metadata and events after a seq.
@@ -253,6 +337,17 @@ pub struct ListQuery {
     /// Only streams matching one of these patterns (exact ids, or prefixes
     /// ending in `*`); None: every stream.
     pub patterns: Option<Vec<String>>,
+    /// Only streams whose id starts with this.
+    pub prefix: Option<String>,
+    /// Only streams with all of these labels (key, value).
+    pub labels: Vec<(String, String)>,
+}
+
+/// Where the SQL of the two backends differs in a list query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Sqlite,
+    Postgres,
 }
 
 /// A place in the stream list's order: `created_at` descending, then `id`
@@ -268,14 +363,31 @@ pub struct ListPosition {
 
 /// Appends the `WHERE` terms and `ORDER BY … LIMIT` of a list query, the
 /// same for every SQL backend.
-fn push_list_query<'a, DB>(qb: &mut sqlx::QueryBuilder<'a, DB>, q: &'a ListQuery)
+fn push_list_query<'a, DB>(qb: &mut sqlx::QueryBuilder<'a, DB>, q: &'a ListQuery, dialect: Dialect)
 where
     DB: sqlx::Database,
     i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
 {
     if let Some(state) = q.state {
         qb.push(" AND state = ").push_bind(state.as_str());
+    }
+    if let Some(prefix) = &q.prefix {
+        qb.push(" AND substr(id, 1, CAST(")
+            .push_bind(prefix.chars().count() as i64)
+            .push(" AS INTEGER)) = ")
+            .push_bind(prefix.as_str());
+    }
+    for (key, value) in &q.labels {
+        // Keys are validated (letters, digits, `_-./`): safe inside a JSON path.
+        match dialect {
+            Dialect::Sqlite => qb
+                .push(" AND json_extract(labels, ")
+                .push_bind(format!("$.\"{key}\"")),
+            Dialect::Postgres => qb.push(" AND (labels::jsonb ->> ").push_bind(key.as_str()),
+        };
+        qb.push(") = ").push_bind(value.as_str());
     }
     if let Some(p) = &q.after {
         qb.push(" AND (created_at < ")
@@ -292,10 +404,11 @@ where
             qb.push(" AND (1 = 0");
             for p in patterns {
                 match p.strip_suffix('*') {
+                    // CAST: PostgreSQL's substr takes an integer, not a bigint.
                     Some(prefix) => qb
-                        .push(" OR substr(id, 1, ")
+                        .push(" OR substr(id, 1, CAST(")
                         .push_bind(prefix.chars().count() as i64)
-                        .push(") = ")
+                        .push(" AS INTEGER)) = ")
                         .push_bind(prefix),
                     None => qb.push(" OR id = ").push_bind(p.as_str()),
                 };

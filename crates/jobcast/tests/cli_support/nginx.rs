@@ -21,9 +21,21 @@ pub fn repo() -> PathBuf {
 
 /// The documented config, as the file holds it.
 pub fn documented_conf() -> String {
-    let path = repo().join("docs/nginx/jobcast.conf");
+    documented("jobcast.conf")
+}
+
+/// A file of docs/nginx/.
+pub fn documented(name: &str) -> String {
+    let path = repo().join("docs/nginx").join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
+
+/// The listen line of the documented TLS + HTTP/2 config.
+pub const DOC_LISTEN_H2: &str = "listen 443 ssl http2;";
+/// Its certificate and key paths.
+pub const DOC_CERT: &str = "/etc/ssl/jobcast/cert.pem";
+/// Its key path.
+pub const DOC_KEY: &str = "/etc/ssl/jobcast/key.pem";
 
 /// The nginx binary; a clear failure when it is missing.
 pub fn binary() -> PathBuf {
@@ -54,20 +66,55 @@ impl Nginx {
     /// Starts nginx with the documented config in front of the nodes on
     /// these loopback ports (exactly two, as the documented upstream has).
     pub fn start(nodes: [u16; 2]) -> Nginx {
+        Self::start_documented("jobcast.conf", DOC_LISTEN, "", &[], nodes)
+    }
+
+    /// Starts nginx with docs/nginx/jobcast-h2.conf (TLS with HTTP/2) and
+    /// this certificate and key; its `url` is `https://localhost:PORT`.
+    pub fn start_h2(nodes: [u16; 2], cert: &Path, key: &Path) -> Nginx {
+        let mut n = Self::start_documented(
+            "jobcast-h2.conf",
+            DOC_LISTEN_H2,
+            " ssl http2",
+            &[
+                (DOC_CERT, cert.display().to_string()),
+                (DOC_KEY, key.display().to_string()),
+            ],
+            nodes,
+        );
+        n.url = format!("https://localhost:{}", n.port);
+        n
+    }
+
+    fn start_documented(
+        file: &str,
+        listen: &str,
+        listen_tail: &str,
+        replace: &[(&str, String)],
+        nodes: [u16; 2],
+    ) -> Nginx {
         let bin = binary();
-        let mut conf = documented_conf();
+        let mut conf = documented(file);
+        for (doc, with) in replace {
+            assert_eq!(
+                conf.matches(doc).count(),
+                1,
+                "docs/nginx/{file} names {doc} once"
+            );
+            conf = conf.replace(doc, with);
+        }
         for (doc, port) in DOC_NODES.iter().zip(nodes) {
             assert_eq!(
                 conf.matches(doc).count(),
                 1,
-                "docs/nginx/jobcast.conf names {doc} once"
+                "docs/nginx/{file} names {doc} once"
             );
             conf = conf.replace(doc, &format!("127.0.0.1:{port}"));
         }
         assert_eq!(
-            conf.matches(DOC_LISTEN).count(),
+            conf.matches(listen).count(),
             1,
-            "docs/nginx/jobcast.conf has `{DOC_LISTEN}` once"
+            "docs/nginx/{file} has `{listen}` once"
         );
         // A free port: taken from the kernel, released, then given to nginx
         // (another process could take it in between: then start fails clearly).
@@ -75,13 +122,13 @@ impl Nginx {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
-        conf = conf.replace(DOC_LISTEN, &format!("listen 127.0.0.1:{port};"));
+        conf = conf.replace(listen, &format!("listen 127.0.0.1:{port}{listen_tail};"));
 
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path().display().to_string();
         assert!(
             conf.contains(DOC_LOGS),
-            "docs/nginx/jobcast.conf logs to {DOC_LOGS}"
+            "docs/nginx/{file} logs to {DOC_LOGS}"
         );
         conf = conf.replace(DOC_LOGS, &format!("{d}/"));
         std::fs::write(dir.path().join("jobcast.conf"), conf).expect("write jobcast.conf");

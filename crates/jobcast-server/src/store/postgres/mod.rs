@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use jobcast_protocol::StreamState;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
 use tokio::sync::{mpsc, oneshot};
@@ -109,25 +108,7 @@ fn writer_of(stream: &str, writers: usize) -> usize {
 /// node's commits are close to failing.
 const NOTIFY_QUEUE_NOT_READY: f64 = 0.5;
 
-pub(super) const META_COLUMNS: &str =
-    "key, id, epoch, state, head, first_seq, created_at, updated_at";
-
-pub(super) fn meta_from_row(row: &PgRow) -> Result<StreamMeta, sqlx::Error> {
-    let state: String = row.try_get("state")?;
-    Ok(StreamMeta {
-        key: row.try_get("key")?,
-        id: row.try_get("id")?,
-        epoch: row.try_get("epoch")?,
-        state: StreamState::parse(&state).ok_or_else(|| sqlx::Error::ColumnDecode {
-            index: "state".into(),
-            source: format!("unknown state {state:?}").into(),
-        })?,
-        head: row.try_get::<i64, _>("head")? as u64,
-        first_seq: row.try_get::<i64, _>("first_seq")? as u64,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-    })
-}
+pub(super) use crate::store::{meta_from_row, META_COLUMNS};
 
 /// Event data is stored as bytes: PostgreSQL text cannot hold NUL, which
 /// valid JSON strings may contain (`"\u0000"`).
@@ -269,7 +250,7 @@ impl PgStore {
     pub(super) async fn list(&self, q: &ListQuery) -> Result<Vec<StreamMeta>, StoreError> {
         let mut qb =
             QueryBuilder::<Postgres>::new(format!("SELECT {META_COLUMNS} FROM streams WHERE true"));
-        super::push_list_query(&mut qb, q);
+        super::push_list_query(&mut qb, q, super::Dialect::Postgres);
         let rows = qb.build().fetch_all(&self.inner.pool).await?;
         Ok(rows.iter().map(meta_from_row).collect::<Result<_, _>>()?)
     }

@@ -17,6 +17,7 @@ pub(super) async fn read_page(
 ) -> Result<Option<Page>, sqlx::Error> {
     let mut rows = sqlx::query(
         "SELECT s.key, s.id, s.epoch, s.state, s.head, s.first_seq, s.created_at, s.updated_at, \
+                s.labels, s.cancel_requested, \
                 e.seq, e.type, e.data, e.time \
          FROM streams s LEFT JOIN LATERAL ( \
              SELECT seq, type, data, time FROM events \

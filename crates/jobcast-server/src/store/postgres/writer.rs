@@ -15,7 +15,7 @@ use crate::store::group::{
     Remembered, Reply, Retention, Wanted, GROUP_MAX_BYTES, GROUP_MAX_EVENTS, PURGE_CHUNK,
     SWEEP_EVERY, SWEEP_KEYS, SWEEP_STREAMS,
 };
-use crate::store::{StoreError, WriteRequest};
+use crate::store::{labels_to_text, StoreError, WriteRequest};
 
 impl Publish {
     /// The NOTIFY payload: `"{stream} {epoch} {first} {last}"` or `"{stream}"`.
@@ -376,9 +376,11 @@ async fn write(
              SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::bytea[], $5::bigint[])), \
          st AS ( \
              UPDATE streams s SET head = u.head, state = u.state, first_seq = u.first_seq, \
-                                  updated_at = u.updated_at \
-             FROM unnest($6::bigint[], $7::bigint[], $8::text[], $9::bigint[], $10::bigint[]) \
-                  AS u(key, head, state, first_seq, updated_at) \
+                                  updated_at = u.updated_at, labels = u.labels, \
+                                  cancel_requested = u.cancel \
+             FROM unnest($6::bigint[], $7::bigint[], $8::text[], $9::bigint[], $10::bigint[], \
+                         $22::text[], $23::bool[]) \
+                  AS u(key, head, state, first_seq, updated_at, labels, cancel) \
              WHERE s.key = u.key), \
          tr AS ( \
              DELETE FROM events e USING unnest($11::bigint[], $12::bigint[]) AS t(key, first) \
@@ -413,6 +415,8 @@ async fn write(
     .bind(&plan.deletes)
     .bind(CHANNEL)
     .bind(&payloads)
+    .bind(st.iter().map(|m| labels_to_text(&m.labels)).collect::<Vec<_>>())
+    .bind(st.iter().map(|m| m.cancel_requested).collect::<Vec<_>>())
     .execute(&mut *conn)
     .await?;
     Ok(())

@@ -6,10 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt;
-use jobcast_protocol::StreamState;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteRow, SqliteSynchronous,
+    SqliteSynchronous,
 };
 use sqlx::{Connection, QueryBuilder, Row, Sqlite};
 use tokio::sync::{mpsc, oneshot};
@@ -18,7 +17,10 @@ use tokio_util::task::TaskTracker;
 
 mod writer;
 
-use super::{ListQuery, Page, StoreError, StoredEvent, StreamMeta, WriteOutcome, WriteRequest};
+use super::{
+    meta_from_row, ListQuery, Page, StoreError, StoredEvent, StreamMeta, WriteOutcome,
+    WriteRequest, META_COLUMNS,
+};
 use crate::config::{Config, SyncMode};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -47,25 +49,6 @@ struct Inner {
     /// Completed by the writer thread when it has stopped.
     done: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
     metrics: Metrics,
-}
-
-const META_COLUMNS: &str = "key, id, epoch, state, head, first_seq, created_at, updated_at";
-
-fn meta_from_row(row: &SqliteRow) -> Result<StreamMeta, sqlx::Error> {
-    let state: String = row.try_get("state")?;
-    Ok(StreamMeta {
-        key: row.try_get("key")?,
-        id: row.try_get("id")?,
-        epoch: row.try_get("epoch")?,
-        state: StreamState::parse(&state).ok_or_else(|| sqlx::Error::ColumnDecode {
-            index: "state".into(),
-            source: format!("unknown state {state:?}").into(),
-        })?,
-        head: row.try_get::<i64, _>("head")? as u64,
-        first_seq: row.try_get::<i64, _>("first_seq")? as u64,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-    })
 }
 
 impl SqliteStore {
@@ -240,7 +223,7 @@ impl SqliteStore {
     pub(super) async fn list(&self, q: &ListQuery) -> Result<Vec<StreamMeta>, StoreError> {
         let mut qb =
             QueryBuilder::<Sqlite>::new(format!("SELECT {META_COLUMNS} FROM streams WHERE 1=1"));
-        super::push_list_query(&mut qb, q);
+        super::push_list_query(&mut qb, q, super::Dialect::Sqlite);
         let rows = qb.build().fetch_all(&self.inner.pool).await?;
         Ok(rows.iter().map(meta_from_row).collect::<Result<_, _>>()?)
     }

@@ -22,7 +22,7 @@ use crate::store::group::{
     Reply, Retention, Wanted, GROUP_MAX_BYTES, GROUP_MAX_EVENTS, PURGE_CHUNK, SWEEP_EVERY,
     SWEEP_KEYS, SWEEP_STREAMS,
 };
-use crate::store::{StoreError, StreamMeta, WriteRequest};
+use crate::store::{labels_to_text, StoreError, StreamMeta, WriteRequest, META_COLUMNS};
 
 /// Pause between purge steps, so purging never hogs the writer.
 const PURGE_EVERY: Duration = Duration::from_millis(50);
@@ -78,8 +78,6 @@ fn unavailable(e: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(Box::new(e))
 }
 
-const META_COLUMNS: &str = "key, id, epoch, state, head, first_seq, created_at, updated_at";
-
 fn meta_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StreamMeta> {
     let state: String = row.get(3)?;
     Ok(StreamMeta {
@@ -97,6 +95,10 @@ fn meta_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StreamMeta> {
         first_seq: row.get::<_, i64>(5)? as u64,
         created_at: row.get(6)?,
         updated_at: row.get(7)?,
+        labels: crate::store::labels_from_text(&row.get::<_, String>(8)?).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(8, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        cancel_requested: row.get(9)?,
     })
 }
 
@@ -433,6 +435,8 @@ fn create(conn: &Connection, stream: &str) -> rusqlite::Result<StreamMeta> {
         first_seq: 1,
         created_at: now,
         updated_at: now,
+        labels: Default::default(),
+        cancel_requested: false,
     })
 }
 
@@ -483,7 +487,8 @@ fn write(conn: &Connection, plan: &Plan<'_>) -> rusqlite::Result<()> {
         insert.execute(params![e.key, e.seq as i64, e.event_type, e.data, e.time])?;
     }
     let mut update = conn.prepare_cached(
-        "UPDATE streams SET head = ?, state = ?, first_seq = ?, updated_at = ? WHERE key = ?",
+        "UPDATE streams SET head = ?, state = ?, first_seq = ?, updated_at = ?, labels = ?, \
+         cancel_requested = ? WHERE key = ?",
     )?;
     for m in &plan.streams {
         update.execute(params![
@@ -491,6 +496,8 @@ fn write(conn: &Connection, plan: &Plan<'_>) -> rusqlite::Result<()> {
             m.state.as_str(),
             m.first_seq as i64,
             m.updated_at,
+            labels_to_text(&m.labels),
+            m.cancel_requested,
             m.key
         ])?;
     }
