@@ -224,11 +224,21 @@ async fn soft_deletes_and_ttls_survive_a_restart() {
     assert_eq!(ds(&s, "PUT", "src", &[TEXT], "").await.0, 201);
 }
 
+/// method, path, headers, body, status, code.
+type BadCase = (
+    &'static str,
+    &'static str,
+    Vec<(&'static str, &'static str)>,
+    &'static str,
+    u16,
+    &'static str,
+);
+
 #[tokio::test]
 async fn bad_input_gets_a_stable_code_never_a_500() {
     let s = TestServer::start().await;
     assert_eq!(ds(&s, "PUT", "j", &[JSON], "").await.0, 201);
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>, &str, u16, &str)> = vec![
+    let cases: Vec<BadCase> = vec![
         ("POST", "j", vec![JSON], "{nope", 400, "invalid_json"),
         ("POST", "j", vec![JSON], "[]", 400, "empty_batch"),
         ("POST", "j", vec![], "1", 400, "missing_content_type"),

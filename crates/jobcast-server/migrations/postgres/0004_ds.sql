@@ -1,4 +1,4 @@
--- Durable Streams: see migrations/sqlite/0004_ds.sql.
+-- Durable Streams: see migrations/sqlite/0005_ds.sql.
 CREATE TABLE ds_streams (
     stream_key   BIGINT PRIMARY KEY,
     content_type TEXT    NOT NULL,
