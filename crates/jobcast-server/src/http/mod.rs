@@ -51,7 +51,16 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     let mut router = routes(&state).router;
     let prefix = state.config.ds_prefix.trim_end_matches('/');
-    if !prefix.is_empty() {
+    // A prefix the router cannot take (the binary's flag parser refuses
+    // these; a library caller may not) turns Durable Streams off, loudly.
+    let usable = prefix.starts_with('/') && !prefix.contains(['{', '}', '*']);
+    if !prefix.is_empty() && !usable {
+        tracing::warn!(
+            prefix,
+            "--ds-prefix is not a usable path; Durable Streams is off"
+        );
+    }
+    if !prefix.is_empty() && usable {
         let ds = ds_routes(&state)
             .router
             .layer(axum::middleware::from_fn(crate::ds::headers));
