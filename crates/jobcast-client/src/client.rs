@@ -10,6 +10,7 @@ use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::backoff::{backoff_with, parse_retry_after};
@@ -190,6 +191,7 @@ impl ClientBuilder {
                 http,
                 base,
                 auth,
+                cancels: Default::default(),
                 opts: Options {
                     request_timeout: self.request_timeout,
                     read_timeout: self.read_timeout,
@@ -222,6 +224,29 @@ pub(crate) struct Inner {
     pub(crate) base: String,
     pub(crate) auth: Option<HeaderValue>,
     pub(crate) opts: Options,
+    /// Per stream, whether a cancel was requested, as append answers told.
+    pub(crate) cancels: std::sync::Mutex<std::collections::HashMap<String, watch::Sender<bool>>>,
+}
+
+/// Whether a cancel of a stream was requested, as this client learned it
+/// from the answers to its appends (every answer after the request says
+/// so: no polling). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct CancelSignal(watch::Receiver<bool>);
+
+impl CancelSignal {
+    /// Whether the cancel was requested (as far as this client knows).
+    pub fn is_requested(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Completes once a cancel was requested (at once if it already was).
+    /// Never completes if the client is dropped before.
+    pub async fn requested(&mut self) {
+        if self.0.wait_for(|&c| c).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// A jobcast client: cheap to clone, one connection pool shared by clones.
@@ -241,6 +266,8 @@ struct Req<'a> {
     method: Method,
     path: String,
     query: Vec<(&'static str, String)>,
+    /// `label.K=V` query pairs.
+    labels: Vec<(String, String)>,
     body: Option<Bytes>,
     key: Option<&'a str>,
     /// DELETE: a 404 after an attempt that may have succeeded means it did.
@@ -253,6 +280,7 @@ impl<'a> Req<'a> {
             method,
             path,
             query: Vec::new(),
+            labels: Vec::new(),
             body: None,
             key: None,
             not_found_after_retry_ok: false,
@@ -341,6 +369,61 @@ impl Client {
         let mut req = Req::new(Method::POST, format!("/v1/streams/{stream}/events"));
         req.body = Some(body.into());
         req.key = Some(key);
+        let appended: Appended = json(self.send(req).await?)?;
+        if appended.cancel_requested {
+            self.cancel_sender(stream).send_replace(true);
+        }
+        Ok(appended)
+    }
+
+    fn cancel_sender(&self, stream: &str) -> watch::Sender<bool> {
+        let mut cancels = self
+            .inner
+            .cancels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cancels
+            .entry(stream.to_owned())
+            .or_insert_with(|| watch::channel(false).0)
+            .clone()
+    }
+
+    /// Whether (and when) a cancel of `stream` is requested, as this
+    /// client's appends to it learn: every append answer after
+    /// [`Client::cancel`] carries the flag. A producer selects on
+    /// [`CancelSignal::requested`] beside its work, then ends the stream.
+    pub fn cancel_signal(&self, stream: &str) -> CancelSignal {
+        CancelSignal(self.cancel_sender(stream).subscribe())
+    }
+
+    /// Asks the producer of `stream` to stop: appends
+    /// `jobcast.cancel_requested` once (idempotent, so retried safely) and
+    /// answers the metadata (`cancel_requested: true`). `Error::Api` 409
+    /// `stream_ended` once the stream ended.
+    pub async fn cancel(&self, stream: &str) -> Result<StreamInfo, Error> {
+        check_stream(stream)?;
+        json(
+            self.send(Req::new(
+                Method::POST,
+                format!("/v1/streams/{stream}/cancel"),
+            ))
+            .await?,
+        )
+    }
+
+    /// Creates `stream` if needed and replaces its labels (at most 16).
+    pub async fn set_labels(
+        &self,
+        stream: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> Result<StreamInfo, Error> {
+        check_stream(stream)?;
+        let mut req = Req::new(Method::PUT, format!("/v1/streams/{stream}"));
+        req.body = Some(
+            serde_json::to_vec(&serde_json::json!({ "labels": labels }))
+                .map_err(Error::Encode)?
+                .into(),
+        );
         json(self.send(req).await?)
     }
 
@@ -427,6 +510,14 @@ impl Client {
         if let Some(a) = &options.after {
             req.query.push(("after", a.clone()));
         }
+        if let Some(p) = &options.prefix {
+            req.query.push(("prefix", p.clone()));
+        }
+        let mut labels = Vec::new();
+        for (k, v) in &options.labels {
+            labels.push((format!("label.{k}"), v.clone()));
+        }
+        req.labels = labels;
         json(self.send(req).await?)
     }
 
@@ -504,6 +595,9 @@ impl Client {
             .http
             .request(req.method.clone(), url)
             .timeout(self.inner.opts.request_timeout);
+        if !req.labels.is_empty() {
+            rb = rb.query(&req.labels);
+        }
         if !req.query.is_empty() {
             rb = rb.query(&req.query);
         }

@@ -47,7 +47,7 @@ pub mod sse;
 mod types;
 mod watch;
 
-pub use client::{idempotency_key, Client, ClientBuilder, RetryPolicy, DEFAULT_URL};
+pub use client::{idempotency_key, CancelSignal, Client, ClientBuilder, RetryPolicy, DEFAULT_URL};
 pub use error::{BoxError, Error};
 pub use jobcast_protocol::{
     EndPayload, ErrorPayload, EventId, ResetPayload, ResetReason, StreamState,

@@ -79,6 +79,10 @@ pub struct Appended {
     pub last_id: EventId,
     /// How many events were appended.
     pub count: u64,
+    /// Whether a cancel of the stream was requested (the producer should
+    /// stop and end the stream; see [`Client::cancel_signal`](crate::Client::cancel_signal)).
+    #[serde(default)]
+    pub cancel_requested: bool,
 }
 
 /// A stream's metadata.
@@ -102,6 +106,12 @@ pub struct StreamInfo {
     pub events: u64,
     /// SSE watchers connected to the node that answered.
     pub watchers: u64,
+    /// Labels set with [`Client::set_labels`](crate::Client::set_labels).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Whether a cancel was requested ([`Client::cancel`](crate::Client::cancel)).
+    #[serde(default)]
+    pub cancel_requested: bool,
 }
 
 /// A page of the stream list.
@@ -123,6 +133,10 @@ pub struct ListOptions {
     pub limit: Option<u32>,
     /// The `next` cursor of the previous page.
     pub after: Option<String>,
+    /// Only streams whose id starts with this.
+    pub prefix: Option<String>,
+    /// Only streams with every one of these labels.
+    pub labels: Vec<(String, String)>,
 }
 
 fn event_id<'de, D: Deserializer<'de>>(d: D) -> Result<EventId, D::Error> {

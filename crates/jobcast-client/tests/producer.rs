@@ -304,3 +304,110 @@ async fn a_deleted_stream_ends_the_watch_with_its_error() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A producer appending in a loop learns of a cancel request from the
+/// answer to its first append made after the request was answered (no
+/// polling), through `cancel_signal`, and ends the stream; the log holds
+/// one `jobcast.cancel_requested` in order. Labels round-trip and filter.
+#[tokio::test]
+async fn a_producer_learns_of_a_cancel_from_its_next_append() {
+    let server = TestServer::start().await;
+    let producer = fast(&server.url);
+    let other = fast(&server.url);
+    let labels: std::collections::BTreeMap<String, String> =
+        [("team".to_owned(), "web".to_owned())].into();
+    let info = producer.set_labels("gen-1", &labels).await.unwrap();
+    assert_eq!(
+        (info.labels.clone(), info.cancel_requested),
+        (labels.clone(), false)
+    );
+    let page = producer
+        .list(&ListOptions {
+            labels: vec![("team".into(), "web".into())],
+            prefix: Some("gen-".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.streams.len(), 1);
+    let mut signal = producer.cancel_signal("gen-1");
+    assert!(!signal.is_requested());
+    let work = {
+        let producer = producer.clone();
+        tokio::spawn(async move {
+            // (append started, answer's flag) per append, until the signal fires.
+            let mut seen = Vec::new();
+            for i in 0..10_000u32 {
+                let started = tokio::time::Instant::now();
+                let a = producer
+                    .append("gen-1", format!("token {i}"))
+                    .await
+                    .unwrap();
+                seen.push((started, a.cancel_requested));
+                if a.cancel_requested {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            producer
+                .complete("gen-1", Some(&serde_json::json!({"cancelled": true})))
+                .await
+                .unwrap();
+            seen
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let asked = other.cancel("gen-1").await.unwrap();
+    let answered = tokio::time::Instant::now();
+    assert!(asked.cancel_requested);
+    tokio::time::timeout(T, signal.requested())
+        .await
+        .expect("the producer learns of the cancel");
+    let observed = answered.elapsed();
+    let seen = work.await.unwrap();
+    // Every append started after the cancel was answered says so (the
+    // one in flight at that moment may too: it committed after the
+    // cancel); the producer stopped at the first flagged answer.
+    assert!(
+        seen.iter()
+            .filter(|(started, _)| *started >= answered)
+            .all(|(_, c)| *c),
+        "{seen:?}"
+    );
+    assert_eq!(seen.iter().filter(|(_, c)| *c).count(), 1, "{seen:?}");
+    assert!(seen.last().is_some_and(|(_, c)| *c));
+    println!("cancel answered -> producer's signal: {observed:?}");
+    let types: Vec<String> = {
+        let v: serde_json::Value =
+            reqwest::get(format!("{}/v1/streams/gen-1/events?limit=1000", server.url))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+        v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["type"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        types
+            .iter()
+            .filter(|t| *t == "jobcast.cancel_requested")
+            .count(),
+        1
+    );
+    assert_eq!(types.last().map(String::as_str), Some("jobcast.end"));
+    let info = other.get("gen-1").await.unwrap();
+    assert_eq!(
+        (info.state, info.cancel_requested),
+        (StreamState::Completed, true)
+    );
+    // Once ended: 409 stream_ended.
+    match other.cancel("gen-1").await {
+        Err(Error::Api { status: 409, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}

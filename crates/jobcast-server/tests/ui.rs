@@ -14,6 +14,7 @@ const ASSETS: &[(&str, &str)] = &[
     ("/ui/client/machine.js", "text/javascript; charset=utf-8"),
     ("/ui/client/backoff.js", "text/javascript; charset=utf-8"),
     ("/ui/client/store.js", "text/javascript; charset=utf-8"),
+    ("/ui/client/producer.js", "text/javascript; charset=utf-8"),
     (
         "/ui/vendor/eventsource-parser.js",
         "text/javascript; charset=utf-8",

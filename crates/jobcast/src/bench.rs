@@ -17,6 +17,7 @@ mod fanout;
 mod hold;
 mod http;
 mod ingest;
+mod nodes;
 mod replay;
 mod stats;
 mod target;
@@ -60,9 +61,29 @@ enum Scenario {
 /// Flags every scenario takes.
 #[derive(Debug, Clone, Args)]
 struct Common {
-    /// The server's base URL (http only).
-    #[arg(long, env = "JOBCAST_URL", default_value = "http://127.0.0.1:7700")]
-    server: String,
+    /// The server's base URL (http only). Several nodes of one cluster:
+    /// separate with commas (producers and watchers are spread over them).
+    #[arg(
+        long,
+        env = "JOBCAST_URL",
+        default_value = "http://127.0.0.1:7700",
+        value_delimiter = ','
+    )]
+    server: Vec<String>,
+    /// Start the nodes to measure instead of using --server: `sqlite` (one
+    /// node on a new SQLite file) or `postgres://USER@HOST:PORT` (a new
+    /// database `jobcast_bench_<random>` there, --nodes nodes on it). The
+    /// bench stops the nodes and drops the database at the end, on error
+    /// and on Ctrl-C. --server and --pid are then the started nodes'.
+    #[arg(long, value_name = "STORE")]
+    db: Option<String>,
+    /// With --db: how many nodes to start (several need PostgreSQL).
+    #[arg(long, default_value_t = 1, requires = "db")]
+    nodes: usize,
+    /// With --db: an extra argument for each node's `jobcast serve`
+    /// (repeat: `--serve-arg=--pg-pool-size --serve-arg=32`).
+    #[arg(long, requires = "db", allow_hyphen_values = true)]
+    serve_arg: Vec<String>,
     /// Which server is behind --server.
     #[arg(long, value_enum, default_value = "jobcast")]
     target: Target,
@@ -94,6 +115,9 @@ struct Common {
     /// A free-form name for this run, kept in the JSON.
     #[arg(long)]
     label: Option<String>,
+    /// What is known about the store (set by --db).
+    #[arg(skip)]
+    store: Value,
 }
 
 impl Common {
@@ -105,19 +129,39 @@ impl Common {
         }
     }
 
-    /// Resolves the server, with enough source addresses for `connections`.
-    async fn endpoint(&self, connections: u64) -> Result<Arc<Endpoint>> {
-        let endpoint = Endpoint::resolve(&self.server).await?;
-        let count = if self.source_ips > 0 {
-            self.source_ips
-        } else if endpoint.addr.ip().is_loopback() && endpoint.addr.is_ipv4() {
-            let ports = ephemeral_ports().unwrap_or(28_000);
-            // Leave a fifth of each address's ports for everything else.
-            u32::try_from(connections.div_ceil(ports * 4 / 5)).unwrap_or(254)
-        } else {
-            1
-        };
-        Ok(Arc::new(endpoint.with_sources(count)?))
+    /// Resolves the server(s), each with enough source addresses for
+    /// `connections` (to all of them: an upper bound for each).
+    async fn endpoints(&self, connections: u64) -> Result<Vec<Arc<Endpoint>>> {
+        if self.server.is_empty() {
+            bail!("--server: no URL");
+        }
+        let mut out = Vec::with_capacity(self.server.len());
+        for url in &self.server {
+            let endpoint = Endpoint::resolve(url).await?;
+            let count = if self.source_ips > 0 {
+                self.source_ips
+            } else if endpoint.addr.ip().is_loopback() && endpoint.addr.is_ipv4() {
+                let ports = ephemeral_ports().unwrap_or(28_000);
+                // Leave a fifth of each address's ports for everything else.
+                u32::try_from(connections.div_ceil(ports * 4 / 5)).unwrap_or(254)
+            } else {
+                1
+            };
+            out.push(Arc::new(endpoint.with_sources(count)?));
+        }
+        Ok(out)
+    }
+}
+
+/// The node of a cluster of `nodes` that serves watcher `k` of a stream
+/// whose producer is on node `producer`: another node when there is one
+/// (publish on one node, receive on another: through the store's
+/// notifications), spread over the others.
+fn other_node(producer: usize, k: usize, nodes: usize) -> usize {
+    if nodes <= 1 {
+        0
+    } else {
+        (producer + 1 + k % (nodes - 1)) % nodes
     }
 }
 
@@ -129,14 +173,72 @@ fn ephemeral_ports() -> Option<u64> {
     hi.checked_sub(lo).map(|n| n + 1)
 }
 
-/// Runs a benchmark.
+impl Scenario {
+    /// The common flags (not for `compare`).
+    fn common_mut(&mut self) -> Option<&mut Common> {
+        match self {
+            Self::Fanout(a) => Some(&mut a.common),
+            Self::Ingest(a) => Some(&mut a.common),
+            Self::Replay(a) => Some(&mut a.common),
+            Self::Hold(a) => Some(&mut a.common),
+            Self::Compare(_) => None,
+        }
+    }
+
+    async fn run(self) -> Result<()> {
+        match self {
+            Self::Fanout(a) => fanout::run(a).await,
+            Self::Ingest(a) => ingest::run(a).await,
+            Self::Replay(a) => replay::run(a).await,
+            Self::Hold(a) => hold::run(a).await,
+            Self::Compare(a) => compare::run(a),
+        }
+    }
+}
+
+/// Runs a benchmark; with `--db`, on nodes it starts (and stops, whatever
+/// happens: end, error, Ctrl-C or SIGTERM).
 pub(crate) async fn run(args: BenchArgs) -> Result<()> {
-    match args.scenario {
-        Scenario::Fanout(a) => fanout::run(a).await,
-        Scenario::Ingest(a) => ingest::run(a).await,
-        Scenario::Replay(a) => replay::run(a).await,
-        Scenario::Hold(a) => hold::run(a).await,
-        Scenario::Compare(a) => compare::run(a),
+    let mut scenario = args.scenario;
+    let mut started = None;
+    let run = async {
+        if let Some(c) = scenario.common_mut() {
+            if let Some(db) = c.db.clone() {
+                if c.target != Target::Jobcast {
+                    bail!("--db starts jobcast nodes: --target jobcast only");
+                }
+                eprintln!("starting {} node(s)", c.nodes);
+                let nodes = started.insert(nodes::Nodes::start(&db, c.nodes, &c.serve_arg).await?);
+                c.server = nodes.urls();
+                c.pid = nodes.pids();
+                c.store = nodes.info();
+                eprintln!("nodes {} on {}", c.server.join(" "), c.store);
+            }
+        }
+        scenario.run().await
+    };
+    let result = tokio::select! {
+        biased;
+        s = interrupted() => Err(anyhow::anyhow!("interrupted ({s})")),
+        r = run => r,
+    };
+    // Stops the nodes and drops the database.
+    drop(started);
+    result
+}
+
+/// Resolves at the first SIGINT or SIGTERM.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        _ => std::future::pending().await,
     }
 }
 
@@ -233,7 +335,7 @@ fn report(
     println!(
         "jobcast bench {scenario} — target {} at {} ({} cores, open files {}/{}, {} source address{})",
         common.target.name(),
-        common.server,
+        common.server.join(","),
         cores,
         nofile.0,
         nofile.1,
@@ -259,7 +361,11 @@ fn report(
         let header = json!({
             "scenario": scenario,
             "target": common.target.name(),
-            "server": common.server,
+            "server": common.server.first(),
+            "servers": common.server,
+            "nodes": common.server.len(),
+            "store": common.store,
+            "loadavg": stats::loadavg(),
             "label": common.label,
             "unix_time": stats::unix_nanos() / 1_000_000_000,
             "jobcast_version": env!("CARGO_PKG_VERSION"),
@@ -283,15 +389,19 @@ fn report(
     Ok(())
 }
 
-/// CPU seconds used by the server (`--pid`) and by this client, between two readings.
+/// CPU seconds used by the server (`--pid`), by this client, by
+/// PostgreSQL's processes (when the store is PostgreSQL) and by the whole
+/// machine, between two readings.
 #[derive(Debug, Clone, Copy)]
 struct Cpu {
     server: Option<f64>,
     client: Option<f64>,
+    postgres: Option<f64>,
+    machine: Option<f64>,
 }
 
 impl Cpu {
-    /// Reads both now.
+    /// Reads them now.
     fn now(common: &Common) -> Self {
         Self {
             server: if common.pid.is_empty() {
@@ -300,6 +410,12 @@ impl Cpu {
                 stats::cpu_secs(&common.pid)
             },
             client: stats::own_cpu_secs(),
+            postgres: if common.store["kind"] == "postgres" {
+                stats::postgres_cpu_secs()
+            } else {
+                None
+            },
+            machine: stats::machine_busy_secs(),
         }
     }
 
@@ -309,6 +425,8 @@ impl Cpu {
         Self {
             server: d(self.server, earlier.server),
             client: d(self.client, earlier.client),
+            postgres: d(self.postgres, earlier.postgres),
+            machine: d(self.machine, earlier.machine),
         }
     }
 
@@ -325,9 +443,21 @@ impl Cpu {
                 pct(self.client).unwrap_or_else(|| "?".into())
             ),
         );
+        if let Some(pg) = pct(self.postgres) {
+            out.row("CPU postgres (all its processes)", pg);
+        }
+        if let Some(m) = pct(self.machine) {
+            out.row("CPU machine (all cores, busy)", m);
+        }
         out.set(
             "cpu",
-            json!({"window_secs": secs, "server_secs": self.server, "client_secs": self.client}),
+            json!({
+                "window_secs": secs,
+                "server_secs": self.server,
+                "client_secs": self.client,
+                "postgres_secs": self.postgres,
+                "machine_busy_secs": self.machine,
+            }),
         );
     }
 }

@@ -402,7 +402,7 @@ async fn streams(args: StreamsArgs) -> Result<()> {
     let mut options = ListOptions {
         state: args.state,
         limit: Some(1000),
-        after: None,
+        ..Default::default()
     };
     // Bounded: at most 1000 pages of 1000 streams.
     for _ in 0..1000 {

@@ -26,7 +26,7 @@ enum Command {
     #[command(flatten)]
     Client(cli::ClientCommand),
     /// Measure a running jobcast: fanout, ingest, replay, hold.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
 }
 
 /// How hard SQLite syncs.
@@ -281,7 +281,7 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await.map(|()| std::process::ExitCode::SUCCESS),
         Command::Client(cmd) => cli::run(cmd).await,
-        Command::Bench(args) => bench::run(args)
+        Command::Bench(args) => bench::run(*args)
             .await
             .map(|()| std::process::ExitCode::SUCCESS),
     };

@@ -74,6 +74,14 @@ const ASSETS: &[(&str, &str, &str)] = &[
         )),
     ),
     (
+        "client/producer.js",
+        JS,
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../clients/js/src/producer.js"
+        )),
+    ),
+    (
         "vendor/eventsource-parser.js",
         JS,
         include_str!(concat!(

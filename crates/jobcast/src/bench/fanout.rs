@@ -21,7 +21,7 @@ use super::{Common, Outcome};
 #[derive(Debug, Args)]
 pub(super) struct FanoutArgs {
     #[command(flatten)]
-    common: Common,
+    pub(super) common: Common,
     /// Streams (one producer each).
     #[arg(long, default_value_t = 10)]
     streams: u64,
@@ -75,7 +75,9 @@ pub(super) async fn run(args: FanoutArgs) -> Result<()> {
         );
     }
     let (ui, nofile) = super::start()?;
-    let endpoint = c.endpoint(args.watchers + args.streams + 1).await?;
+    let endpoints = c.endpoints(args.watchers + args.streams + 1).await?;
+    let endpoint = endpoints[0].clone();
+    let nodes = endpoints.len();
     let timeout = c.timeout.unwrap_or(Duration::from_secs(120));
     let deadline = Instant::now() + timeout;
     // Created first, so watchers attach to existing streams (unless --early).
@@ -87,23 +89,34 @@ pub(super) async fn run(args: FanoutArgs) -> Result<()> {
 
     let cancel = CancellationToken::new();
     let shared = Arc::new(Shared::new(
-        endpoint.clone(),
+        endpoints.clone(),
         c.target,
         c.connect_concurrency,
         cancel.clone(),
     ));
-    let requests: Vec<Arc<Vec<u8>>> = streams
+    // Stream s is published on node s mod nodes; its watchers are on the
+    // other nodes (their requests name their node's host).
+    let requests: Vec<Vec<Arc<Vec<u8>>>> = streams
         .iter()
-        .map(|s| Arc::new(api.subscribe_request_from(&endpoint.host, s, args.early)))
+        .map(|s| {
+            endpoints
+                .iter()
+                .map(|e| Arc::new(api.subscribe_request_from(&e.host, s, args.early)))
+                .collect()
+        })
         .collect();
+    let mut watchers_per_node = vec![0_u64; nodes];
     let plan = Plan {
         until: Some(args.events),
         buf_size: 16 * 1024,
     };
     let mut watchers = JoinSet::new();
     for i in 0..args.watchers as usize {
-        let req = requests[i % requests.len()].clone();
-        watchers.spawn(watch::run(shared.clone(), i, req, plan));
+        let s = i % requests.len();
+        let node = super::other_node(s % nodes, i / requests.len(), nodes);
+        watchers_per_node[node] += 1;
+        let req = requests[s][node].clone();
+        watchers.spawn(watch::run(shared.clone(), i, node, req, plan));
     }
 
     // Producers wait for the go signal: every watcher connected (or failed).
@@ -114,7 +127,7 @@ pub(super) async fn run(args: FanoutArgs) -> Result<()> {
     for (s, name) in streams.iter().enumerate() {
         let p = Producer {
             api: api.clone(),
-            endpoint: endpoint.clone(),
+            endpoint: endpoints[s % nodes].clone(),
             index: args.watchers as usize + s,
             stream: name.clone(),
             events: args.events,
@@ -256,6 +269,15 @@ pub(super) async fn run(args: FanoutArgs) -> Result<()> {
             args.batch
         ),
     );
+    if nodes > 1 {
+        out.row(
+            "nodes",
+            format!(
+                "{nodes}: stream s published on node s mod {nodes}, its watchers on the others \
+                 (watchers per node {watchers_per_node:?})"
+            ),
+        );
+    }
     out.row(
         "connected",
         format!(
@@ -310,6 +332,12 @@ pub(super) async fn run(args: FanoutArgs) -> Result<()> {
             "batch": args.batch,
             "payload": args.payload,
             "timeout_secs": timeout.as_secs_f64(),
+            "placement": if nodes > 1 {
+                "stream s published on node s mod nodes; its watchers on the other nodes"
+            } else {
+                "one node"
+            },
+            "watchers_per_node": watchers_per_node,
         }),
     );
     out.set(

@@ -19,7 +19,7 @@ use super::{Common, Outcome, Ui};
 #[derive(Debug, Args)]
 pub(super) struct HoldArgs {
     #[command(flatten)]
-    common: Common,
+    pub(super) common: Common,
     /// Idle watchers.
     #[arg(long, default_value_t = 10_000)]
     watchers: u64,
@@ -51,7 +51,8 @@ pub(super) async fn run(args: HoldArgs) -> Result<()> {
         ));
     }
     let api = c.api();
-    let endpoint = c.endpoint(args.watchers + 1).await?;
+    let endpoints = c.endpoints(args.watchers + 1).await?;
+    let endpoint = endpoints[0].clone();
     let timeout = c
         .timeout
         .unwrap_or(args.duration + Duration::from_secs(120));
@@ -64,7 +65,7 @@ pub(super) async fn run(args: HoldArgs) -> Result<()> {
 
     let cancel = CancellationToken::new();
     let shared = Arc::new(Shared::new(
-        endpoint.clone(),
+        endpoints.clone(),
         c.target,
         c.connect_concurrency,
         cancel.clone(),
@@ -73,14 +74,21 @@ pub(super) async fn run(args: HoldArgs) -> Result<()> {
         until: None,
         buf_size: 1024,
     };
-    let requests: Vec<Arc<Vec<u8>>> = streams
+    // Watcher i on node i mod nodes (memory is summed over every --pid).
+    let requests: Vec<Vec<Arc<Vec<u8>>>> = streams
         .iter()
-        .map(|s| Arc::new(api.subscribe_request(&endpoint.host, s)))
+        .map(|s| {
+            endpoints
+                .iter()
+                .map(|e| Arc::new(api.subscribe_request(&e.host, s)))
+                .collect()
+        })
         .collect();
     let mut watchers = JoinSet::new();
     for i in 0..args.watchers as usize {
-        let req = requests[i % requests.len()].clone();
-        watchers.spawn(watch::run(shared.clone(), i, req, plan));
+        let node = i % endpoints.len();
+        let req = requests[i % requests.len()][node].clone();
+        watchers.spawn(watch::run(shared.clone(), i, node, req, plan));
     }
 
     let connect_bar = ui.bar(args.watchers, "connected");

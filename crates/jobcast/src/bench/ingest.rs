@@ -20,7 +20,7 @@ use super::{Common, Outcome};
 #[derive(Debug, Args)]
 pub(super) struct IngestArgs {
     #[command(flatten)]
-    common: Common,
+    pub(super) common: Common,
     /// Concurrent producers (one connection each; each waits for its ack before the next request).
     #[arg(long, default_value_t = 16)]
     producers: u64,
@@ -41,6 +41,7 @@ pub(super) struct IngestArgs {
 
 /// What one producer did.
 struct Done {
+    node: usize,
     events: u64,
     requests: u64,
     ack: Histogram<u64>,
@@ -64,7 +65,9 @@ pub(super) async fn run(args: IngestArgs) -> Result<()> {
         );
     }
     let (ui, nofile) = super::start()?;
-    let endpoint = c.endpoint(args.producers + 1).await?;
+    let endpoints = c.endpoints(args.producers + 1).await?;
+    let endpoint = endpoints[0].clone();
+    let nodes = endpoints.len();
     let timeout = c.timeout.unwrap_or(
         args.duration * u32::try_from(args.batch.len()).unwrap_or(u32::MAX)
             + Duration::from_secs(60),
@@ -82,6 +85,12 @@ pub(super) async fn run(args: IngestArgs) -> Result<()> {
         "producers x streams",
         format!("{} on {} streams", args.producers, nstreams),
     );
+    if nodes > 1 {
+        out.row(
+            "nodes",
+            format!("{nodes} (producer p appends to node p mod {nodes}; events/s is all nodes together)"),
+        );
+    }
     let mut runs = Vec::new();
     let mut metrics = serde_json::Map::new();
     let mut timed_out = false;
@@ -98,7 +107,8 @@ pub(super) async fn run(args: IngestArgs) -> Result<()> {
         let cpu_start = super::Cpu::now(c);
         for p in 0..args.producers {
             let api = api.clone();
-            let endpoint = endpoint.clone();
+            let node = p as usize % nodes;
+            let endpoint = endpoints[node].clone();
             let s = (p % nstreams) as usize;
             let stream = streams[s].clone();
             let seqs = seqs.clone();
@@ -107,6 +117,7 @@ pub(super) async fn run(args: IngestArgs) -> Result<()> {
             let pad = args.payload;
             set.spawn(async move {
                 let mut done = Done {
+                    node,
                     events: 0,
                     requests: 0,
                     ack: stats::histogram(),
@@ -144,6 +155,7 @@ pub(super) async fn run(args: IngestArgs) -> Result<()> {
             bar.set_message(format!("{} events", counted.load(Ordering::Relaxed)));
             while let Some(r) = set.try_join_next() {
                 results.push(r.unwrap_or_else(|e| Done {
+                    node: 0,
                     events: 0,
                     requests: 0,
                     ack: stats::histogram(),
@@ -170,10 +182,13 @@ pub(super) async fn run(args: IngestArgs) -> Result<()> {
         bar.finish();
         let mut ack = stats::histogram();
         let (mut events, mut requests) = (0, 0);
+        let mut per_node = vec![(0_u64, 0_u64); nodes];
         for d in &results {
             stats::merge_into(&mut ack, &d.ack);
             events += d.events;
             requests += d.requests;
+            per_node[d.node % nodes].0 += d.events;
+            per_node[d.node % nodes].1 += d.requests;
             if let Some(e) = &d.error {
                 errors.push(e.clone());
             }
@@ -181,9 +196,12 @@ pub(super) async fn run(args: IngestArgs) -> Result<()> {
         let ack = Latency::of(&ack);
         let eps = stats::rate(events, secs);
         let rps = stats::rate(requests, secs);
-        let server_cpu = cpu.server.map_or(String::new(), |s| {
+        let mut server_cpu = cpu.server.map_or(String::new(), |s| {
             format!("   server CPU {:.0}%", s / secs * 100.0)
         });
+        if let Some(pg) = cpu.postgres {
+            server_cpu += &format!("   postgres CPU {:.0}%", pg / secs * 100.0);
+        }
         out.row(
             &format!("batch {batch}"),
             format!(
@@ -198,6 +216,16 @@ pub(super) async fn run(args: IngestArgs) -> Result<()> {
                 .map(|s| (s * 1e6 / events as f64 * 100.0).round() / 100.0)
                 .into(),
         );
+        if nodes > 1 {
+            let each: Vec<String> = per_node
+                .iter()
+                .map(|(e, _)| format!("{:.0}", stats::rate(*e, secs)))
+                .collect();
+            out.row(
+                &format!("batch {batch} per node"),
+                format!("{} events/s", each.join(" + ")),
+            );
+        }
         metrics.insert(format!("b{batch}_events_per_sec"), eps.round().into());
         metrics.insert(format!("b{batch}_requests_per_sec"), rps.round().into());
         metrics.insert(format!("b{batch}_ack_p50_us"), ack.p50_us.into());
@@ -212,6 +240,19 @@ pub(super) async fn run(args: IngestArgs) -> Result<()> {
             "ack_latency": ack,
             "server_cpu_secs": cpu.server,
             "client_cpu_secs": cpu.client,
+            "postgres_cpu_secs": cpu.postgres,
+            "machine_busy_secs": cpu.machine,
+            "per_node": per_node
+                .iter()
+                .enumerate()
+                .map(|(i, (e, r))| serde_json::json!({
+                    "node": i,
+                    "server": c.server.get(i),
+                    "events": e,
+                    "requests": r,
+                    "events_per_sec": stats::rate(*e, secs).round(),
+                }))
+                .collect::<Vec<_>>(),
         }));
         if timed_out || !errors.is_empty() {
             break;

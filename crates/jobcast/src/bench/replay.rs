@@ -20,7 +20,7 @@ use super::{Common, Outcome};
 #[derive(Debug, Args)]
 pub(super) struct ReplayArgs {
     #[command(flatten)]
-    common: Common,
+    pub(super) common: Common,
     /// Events in the stream.
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
@@ -50,7 +50,9 @@ pub(super) async fn run(args: ReplayArgs) -> Result<()> {
     }
     let (ui, nofile) = super::start()?;
     let api = c.api();
-    let endpoint = c.endpoint(args.watchers + 1).await?;
+    let endpoints = c.endpoints(args.watchers + 1).await?;
+    let endpoint = endpoints[0].clone();
+    let nodes = endpoints.len();
     let timeout = c.timeout.unwrap_or(Duration::from_secs(600));
     let deadline = Instant::now() + timeout;
 
@@ -105,12 +107,16 @@ pub(super) async fn run(args: ReplayArgs) -> Result<()> {
 
     let cancel = CancellationToken::new();
     let shared = Arc::new(Shared::new(
-        endpoint.clone(),
+        endpoints.clone(),
         c.target,
         c.connect_concurrency,
         cancel.clone(),
     ));
-    let request = Arc::new(api.subscribe_request(&endpoint.host, &stream));
+    // Loaded through node 0; with several nodes the watchers read on the others.
+    let requests: Vec<Arc<Vec<u8>>> = endpoints
+        .iter()
+        .map(|e| Arc::new(api.subscribe_request(&e.host, &stream)))
+        .collect();
     let plan = Plan {
         until: Some(args.events),
         buf_size: 64 * 1024,
@@ -120,7 +126,14 @@ pub(super) async fn run(args: ReplayArgs) -> Result<()> {
     let cpu_start = super::Cpu::now(c);
     let mut set = JoinSet::new();
     for i in 0..args.watchers as usize {
-        set.spawn(watch::run(shared.clone(), i, request.clone(), plan));
+        let node = super::other_node(0, i, nodes);
+        set.spawn(watch::run(
+            shared.clone(),
+            i,
+            node,
+            requests[node].clone(),
+            plan,
+        ));
     }
     let mut timed_out = false;
     loop {
@@ -160,7 +173,18 @@ pub(super) async fn run(args: ReplayArgs) -> Result<()> {
             ),
         );
     }
-    out.row("watchers", args.watchers);
+    out.row(
+        "watchers",
+        if nodes > 1 {
+            format!(
+                "{} (loaded through node 0, read on the {} others)",
+                args.watchers,
+                nodes - 1
+            )
+        } else {
+            args.watchers.to_string()
+        },
+    );
     out.row(
         "replayed",
         format!("{} events in {secs:.2} s", totals.received),

@@ -312,9 +312,63 @@ pub(super) fn own_cpu_secs() -> Option<f64> {
     parse_cpu_secs(&std::fs::read_to_string("/proc/self/stat").ok()?)
 }
 
+/// Busy CPU seconds of the whole machine so far, all cores together (the
+/// first line of `/proc/stat`, less idle and iowait).
+pub(super) fn machine_busy_secs() -> Option<f64> {
+    parse_machine_busy(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn parse_machine_busy(stat: &str) -> Option<f64> {
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let (total, idle) = (v.iter().sum::<u64>(), v.get(3)? + v.get(4)?);
+    Some((total - idle) as f64 / TICKS_PER_SEC)
+}
+
+/// CPU seconds used so far by every process named `postgres` on the
+/// machine (whatever database it serves; backends that exited are gone from
+/// the sum).
+pub(super) fn postgres_cpu_secs() -> Option<f64> {
+    let mut sum = 0.0;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        if !name
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if stat.contains("(postgres)") {
+            sum += parse_cpu_secs(&stat).unwrap_or(0.0);
+        }
+    }
+    Some(sum)
+}
+
+/// The 1, 5 and 15 minute load averages (`/proc/loadavg`).
+pub(super) fn loadavg() -> Option<[f64; 3]> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    let mut it = text.split_whitespace().map(|f| f.parse::<f64>().ok());
+    Some([it.next()??, it.next()??, it.next()??])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn machine_busy() {
+        let stat = "cpu  100 5 50 1000 20 1 2 0 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n";
+        assert_eq!(parse_machine_busy(stat), Some(1.58));
+        assert_eq!(parse_machine_busy("intr 1 2"), None);
+    }
 
     #[test]
     fn payload_round_trip() {

@@ -22,8 +22,8 @@ use super::target::Target;
 /// progress bars, the latency histograms.
 #[derive(Debug)]
 pub(super) struct Shared {
-    /// The server.
-    pub(super) endpoint: Arc<Endpoint>,
+    /// The server's nodes (one for a single server).
+    pub(super) endpoints: Vec<Arc<Endpoint>>,
     /// Which server (jobcast ids are checked too).
     pub(super) target: Target,
     /// Bounds the connections being set up at once (the listen backlog is finite).
@@ -49,15 +49,15 @@ pub(super) struct Shared {
 }
 
 impl Shared {
-    /// State for a run against `endpoint`.
+    /// State for a run against `endpoints` (at least one).
     pub(super) fn new(
-        endpoint: Arc<Endpoint>,
+        endpoints: Vec<Arc<Endpoint>>,
         target: Target,
         connect_concurrency: usize,
         cancel: CancellationToken,
     ) -> Self {
         Self {
-            endpoint,
+            endpoints,
             target,
             connect_gate: Semaphore::new(connect_concurrency.max(1)),
             cancel,
@@ -108,11 +108,12 @@ pub(super) struct Plan {
     pub(super) buf_size: usize,
 }
 
-/// Runs watcher `index`: sends `request`, then reads until the plan is done,
-/// the server ends, or the run is cancelled.
+/// Runs watcher `index` on node `node`: sends `request`, then reads until
+/// the plan is done, the server ends, or the run is cancelled.
 pub(super) async fn run(
     shared: Arc<Shared>,
     index: usize,
+    node: usize,
     request: Arc<Vec<u8>>,
     plan: Plan,
 ) -> Outcome {
@@ -125,7 +126,8 @@ pub(super) async fn run(
             .await
             .context("connect gate")?;
         let connect = async {
-            let mut stream = shared.endpoint.connect(index).await.context("connecting")?;
+            let endpoint = &shared.endpoints[node % shared.endpoints.len()];
+            let mut stream = endpoint.connect(index).await.context("connecting")?;
             stream
                 .write_all(&request)
                 .await
