@@ -113,6 +113,11 @@ pub struct Config {
     pub max_watchers_per_ip: Option<usize>,
     /// Most SSE watchers of one token subject (`sub`; None: no cap).
     pub max_watchers_per_subject: Option<usize>,
+    /// Where the Durable Streams protocol is served (`/ds`: streams at
+    /// `/ds/v1/stream/{path}`); empty turns it off.
+    pub ds_prefix: String,
+    /// How long a Durable Streams long-poll waits before answering 204.
+    pub ds_long_poll: Duration,
 }
 
 impl Default for Config {
@@ -157,6 +162,8 @@ impl Default for Config {
             max_watchers_per_stream: 10_000,
             max_watchers_per_ip: None,
             max_watchers_per_subject: None,
+            ds_prefix: "/ds".into(),
+            ds_long_poll: Duration::from_secs(20),
         }
     }
 }
@@ -204,6 +211,8 @@ impl std::fmt::Debug for Config {
             max_watchers_per_stream,
             max_watchers_per_ip,
             max_watchers_per_subject,
+            ds_prefix,
+            ds_long_poll,
         } = self;
         f.debug_struct("Config")
             .field("db", &redact_db_url(db))
@@ -245,6 +254,8 @@ impl std::fmt::Debug for Config {
             .field("max_watchers_per_stream", max_watchers_per_stream)
             .field("max_watchers_per_ip", max_watchers_per_ip)
             .field("max_watchers_per_subject", max_watchers_per_subject)
+            .field("ds_prefix", ds_prefix)
+            .field("ds_long_poll", ds_long_poll)
             .finish()
     }
 }

@@ -17,6 +17,7 @@
 pub mod auth;
 pub mod budget;
 pub mod config;
+pub mod ds;
 pub mod http;
 pub mod hub;
 mod lean;

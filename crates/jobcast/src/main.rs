@@ -38,6 +38,30 @@ enum Sync {
     Full,
 }
 
+/// `--ds-prefix`: empty (off), or a path of `/`-separated segments of
+/// `[A-Za-z0-9._~-]` (a trailing `/` is dropped; `/` alone is refused: the
+/// protocol shares the listener with jobcast's own routes).
+fn ds_prefix(s: &str) -> Result<String, String> {
+    let p = s.trim_end_matches('/');
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    let ok = p.starts_with('/')
+        && p[1..].split('/').all(|seg| {
+            !seg.is_empty()
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b))
+        });
+    if ok {
+        Ok(p.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a path prefix like /ds (segments of A-Z a-z 0-9 . _ ~ -; empty turns Durable Streams off)"
+        ))
+    }
+}
+
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
@@ -187,6 +211,18 @@ struct ServeArgs {
     /// Most SSE watchers of one token subject, the `sub` claim (more get 429; default: no cap).
     #[arg(long, env = "JOBCAST_MAX_WATCHERS_PER_SUBJECT")]
     max_watchers_per_subject: Option<usize>,
+    /// Serve the Durable Streams protocol under this path (streams at PREFIX/v1/stream/{path}); empty turns it off.
+    #[arg(
+        long,
+        env = "JOBCAST_DS_PREFIX",
+        default_value = "/ds",
+        value_name = "PATH",
+        value_parser = ds_prefix
+    )]
+    ds_prefix: String,
+    /// How long a Durable Streams long-poll waits for data before answering 204.
+    #[arg(long, env = "JOBCAST_DS_LONG_POLL", value_parser = duration, default_value = "20s")]
+    ds_long_poll: std::time::Duration,
     /// Verify HS256 tokens with this secret (prefer the environment variable).
     #[arg(long, env = "JOBCAST_JWT_SECRET", hide_env_values = true, value_parser = secret, conflicts_with = "jwt_public_key")]
     jwt_secret: Option<Secret>,
@@ -361,6 +397,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         auth_cookie: args.auth_cookie.clone(),
         cors_origins: args.cors_origin.clone(),
         allowed_hosts: args.allowed_host.clone(),
+        ds_prefix: args.ds_prefix.clone(),
+        ds_long_poll: args.ds_long_poll,
         ..Config::default()
     };
     match &config.auth {

@@ -74,6 +74,7 @@ pub(super) async fn read(
 ) -> Result<Response, ApiError> {
     let id = stream_id(&id)?;
     let q = params(q)?;
+    crate::ds::refuse_byte_stream(&state, id).await?;
     let grant = grant.map(|Extension(g)| g).unwrap_or_else(Grant::none);
     // No response outlives its authorization: SSE closes with `token_expired`
     // and a long-poll answers at the token's expiry.

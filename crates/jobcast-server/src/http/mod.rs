@@ -49,8 +49,24 @@ pub struct AppState {
 
 /// The router of the whole API.
 pub fn app(state: AppState) -> Router {
-    let router = routes(&state)
-        .router
+    let mut router = routes(&state).router;
+    let prefix = state.config.ds_prefix.trim_end_matches('/');
+    // A prefix the router cannot take (the binary's flag parser refuses
+    // these; a library caller may not) turns Durable Streams off, loudly.
+    let usable = prefix.starts_with('/') && !prefix.contains(['{', '}', '*']);
+    if !prefix.is_empty() && !usable {
+        tracing::warn!(
+            prefix,
+            "--ds-prefix is not a usable path; Durable Streams is off"
+        );
+    }
+    if !prefix.is_empty() && usable {
+        let ds = ds_routes(&state)
+            .router
+            .layer(axum::middleware::from_fn(crate::ds::headers));
+        router = router.nest(prefix, ds);
+    }
+    let router = router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // RawBody enforces the configured limit with a JSON error instead.
@@ -93,6 +109,29 @@ fn routes(state: &AppState) -> Routes {
         .add(M::GET, "/metrics", Metrics, metrics)
         .add(M::GET, "/", Public, ui::index)
         .add(M::GET, "/ui/{*path}", Public, ui::asset)
+}
+
+/// The Durable Streams routes (mounted under `--ds-prefix`): reads need
+/// Subscribe, writes Publish, matched against the DS path.
+fn ds_routes(state: &AppState) -> Routes {
+    use http::Method as M;
+    use Need::*;
+    let path = crate::ds::STREAM_PATH;
+    Routes::new(state)
+        .add(M::GET, path, Subscribe, crate::ds::read_handler)
+        .add(M::PUT, path, Publish, crate::ds::put_handler)
+        .add(M::POST, path, Publish, crate::ds::post_handler)
+        .add(M::DELETE, path, Publish, crate::ds::delete_handler)
+        // CORS preflights (answered by `ds::headers`).
+        .add(M::OPTIONS, path, Public, || async {
+            StatusCode::NO_CONTENT
+        })
+}
+
+/// The Durable Streams routes as declared (their paths are under `--ds-prefix`).
+#[doc(hidden)]
+pub fn declared_ds_routes(state: &AppState) -> Vec<DeclaredRoute> {
+    ds_routes(state).declared
 }
 
 /// A route as declared: method, path template, and what it needs.

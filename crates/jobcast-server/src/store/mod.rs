@@ -7,6 +7,7 @@
 //! trait trips `async_fn_in_trait`); the types here hold no backend-specific
 //! types, so PostgreSQL fits behind the same surface.
 
+pub mod ds;
 mod group;
 mod postgres;
 mod sqlite;
@@ -499,6 +500,42 @@ impl Store {
         }
     }
 
+    /// A Durable Streams write, answered after its COMMIT.
+    pub async fn ds_write(&self, w: ds::DsWrite) -> Result<ds::DsOutcome, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.metrics().counted(s.ds_write(w).await),
+            Store::Postgres(s) => s.metrics().counted(s.ds_write(w).await),
+            #[cfg(feature = "test-util")]
+            Store::Faulty(inner, switch, m) => {
+                switch.check(m)?;
+                Box::pin(inner.ds_write(w)).await
+            }
+        }
+    }
+
+    /// A DS stream's metadata and, when `after` is given, up to about
+    /// `max_bytes` of its messages after that seq, from one snapshot.
+    pub async fn ds_read(
+        &self,
+        stream: &str,
+        after: Option<u64>,
+        max_bytes: usize,
+    ) -> Result<Option<ds::DsPage>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s
+                .metrics()
+                .counted(s.ds_read(stream, after, max_bytes).await),
+            Store::Postgres(s) => s
+                .metrics()
+                .counted(s.ds_read(stream, after, max_bytes).await),
+            #[cfg(feature = "test-util")]
+            Store::Faulty(inner, switch, m) => {
+                switch.check(m)?;
+                Box::pin(inner.ds_read(stream, after, max_bytes)).await
+            }
+        }
+    }
+
     /// The metadata of a stream.
     pub async fn meta(&self, stream: &str) -> Result<Option<StreamMeta>, StoreError> {
         match self {
@@ -592,4 +629,9 @@ impl Store {
             Store::Faulty(inner, _, _) => Box::pin(inner.close()).await,
         }
     }
+}
+
+/// The NOTIFY channel every node's listener listens on (for DS writes).
+fn postgres_channel() -> &'static str {
+    postgres::CHANNEL
 }

@@ -90,6 +90,8 @@ struct Inner {
     queue_usage: Arc<AtomicU64>,
     /// The longest a read may take on its connection (`Config::pg_query_timeout`).
     query_timeout: Duration,
+    /// The hub, for Durable Streams writes (which commit outside the writer task).
+    hub: Hub,
 }
 
 /// The writer a stream's writes go to: a hash of its id (FNV-1a, stable
@@ -168,7 +170,7 @@ impl PgStore {
         let listener = Listener {
             opts: opts.application_name(LISTENER_NAME),
             pool: pool.clone(),
-            hub,
+            hub: hub.clone(),
             page_size: config.page_size,
             connect_timeout: config.busy_timeout,
             ping: config.listener_ping,
@@ -190,6 +192,7 @@ impl PgStore {
                 metrics,
                 queue_usage,
                 query_timeout: config.pg_query_timeout,
+                hub,
             }),
         })
     }
@@ -211,6 +214,22 @@ impl PgStore {
     pub(super) async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
         let writer = &self.inner.writers[writer_of(&req.stream, self.inner.writers.len())];
         crate::store::group::submit(writer, req, Cmd::Write).await
+    }
+
+    pub(super) async fn ds_write(
+        &self,
+        w: super::ds::DsWrite,
+    ) -> Result<super::ds::DsOutcome, StoreError> {
+        super::ds::postgres::write(&self.inner.pool, &self.inner.hub, w).await
+    }
+
+    pub(super) async fn ds_read(
+        &self,
+        stream: &str,
+        after: Option<u64>,
+        max_bytes: usize,
+    ) -> Result<Option<super::ds::DsPage>, StoreError> {
+        super::ds::postgres::read(&self.inner.pool, stream, after, max_bytes).await
     }
 
     pub(super) async fn meta(&self, stream: &str) -> Result<Option<StreamMeta>, StoreError> {

@@ -138,6 +138,28 @@ impl SqliteStore {
         crate::store::group::submit(&self.inner.tx, req, Cmd::Write).await
     }
 
+    pub(super) async fn ds_write(
+        &self,
+        w: super::ds::DsWrite,
+    ) -> Result<super::ds::DsOutcome, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Cmd::Ds(w, reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    pub(super) async fn ds_read(
+        &self,
+        stream: &str,
+        after: Option<u64>,
+        max_bytes: usize,
+    ) -> Result<Option<super::ds::DsPage>, StoreError> {
+        Ok(super::ds::sqlite::read(&self.inner.pool, stream, after, max_bytes).await?)
+    }
+
     pub(super) async fn meta(&self, stream: &str) -> Result<Option<StreamMeta>, StoreError> {
         let row = sqlx::query(&format!("SELECT {META_COLUMNS} FROM streams WHERE id = ?"))
             .bind(stream)

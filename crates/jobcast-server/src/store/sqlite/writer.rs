@@ -54,7 +54,13 @@ pub(super) enum Cmd {
     Tick,
     /// Commit what is queued before this, then stop.
     Stop,
+    /// A Durable Streams write, in its own transaction (after the group before it).
+    Ds(crate::store::ds::DsWrite, DsReply),
 }
+
+/// The answer to a DS write.
+pub(super) type DsReply =
+    tokio::sync::oneshot::Sender<Result<crate::store::ds::DsOutcome, StoreError>>;
 
 /// The writer thread's state.
 pub(super) struct Writer {
@@ -140,6 +146,7 @@ impl Writer {
         let mut group: Vec<(WriteRequest, Reply)> = Vec::new();
         let mut pings: Vec<PingReply> = Vec::new();
         let mut stopping = false;
+        let mut ds = None;
         while !stopping {
             let Some(first) = rx.blocking_recv() else {
                 break;
@@ -148,6 +155,7 @@ impl Writer {
                 Cmd::Tick => {}
                 Cmd::Stop => stopping = true,
                 Cmd::Ping(reply) => pings.push(reply),
+                Cmd::Ds(w, reply) => self.ds_write(&w, reply),
                 Cmd::Write(req, reply) => {
                     let (mut events, mut bytes) = size_of(&req);
                     group.push((req, reply));
@@ -166,10 +174,17 @@ impl Writer {
                                 stopping = true;
                                 break;
                             }
+                            Ok(Cmd::Ds(w, reply)) => {
+                                ds = Some((w, reply));
+                                break;
+                            }
                             Err(_) => break,
                         }
                     }
                     self.commit_group(&mut group);
+                    if let Some((w, reply)) = ds.take() {
+                        self.ds_write(&w, reply);
+                    }
                 }
             }
             // After the group: the answer says this thread still makes progress.
@@ -183,13 +198,35 @@ impl Writer {
         // Answer anything that raced with the stop: nothing more is written.
         rx.close();
         while let Ok(cmd) = rx.try_recv() {
-            if let Cmd::Write(_, reply) = cmd {
-                let _ = reply.send(Err(StoreError::Closed));
+            match cmd {
+                Cmd::Write(_, reply) => {
+                    let _ = reply.send(Err(StoreError::Closed));
+                }
+                Cmd::Ds(_, reply) => {
+                    let _ = reply.send(Err(StoreError::Closed));
+                }
+                _ => {}
             }
         }
         if let Some((stop, handle)) = self.checkpointer.take() {
             drop(stop);
             let _ = handle.join();
+        }
+    }
+
+    /// One DS write in its own transaction; published after COMMIT, then answered.
+    fn ds_write(&mut self, w: &crate::store::ds::DsWrite, reply: DsReply) {
+        match crate::store::ds::sqlite::write(&mut self.conn, w) {
+            Ok((outcome, publish)) => {
+                for p in publish {
+                    p.send(&self.hub);
+                }
+                let _ = reply.send(Ok(outcome));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "DS write failed; nothing was committed");
+                let _ = reply.send(Err(unavailable(e)));
+            }
         }
     }
 
