@@ -152,7 +152,7 @@ impl SqliteStore {
     }
 
     pub(super) async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
-        crate::store::group::submit(&self.inner.tx, req, Cmd::Write).await
+        crate::store::group::submit(&self.inner.tx, req, Cmd::Write, &self.inner.metrics).await
     }
 
     pub(super) async fn meta(&self, stream: &str) -> Result<Option<StreamMeta>, StoreError> {
