@@ -103,24 +103,6 @@ pub(super) async fn submit<C>(
     result
 }
 
-/// Commits a write on the caller's thread: `commit` runs the writer's
-/// transaction, which publishes to the hub and answers before it returns,
-/// so the answer is there at once; records its stages like [`submit`].
-pub(super) fn in_place(
-    req: WriteRequest,
-    metrics: &Metrics,
-    commit: impl FnOnce(WriteRequest, Reply),
-) -> Result<WriteOutcome, StoreError> {
-    let (mut reply, mut rx) = Reply::new();
-    reply.taken();
-    commit(req, reply);
-    let (result, stamps) = rx.try_recv().map_err(|_| StoreError::Closed)?;
-    if let Some(s) = stamps {
-        record(metrics, &s);
-    }
-    result
-}
-
 /// Records a committed write's stages (the last one ends now).
 fn record(metrics: &Metrics, s: &Stamps) {
     if let Some(taken) = s.taken {

@@ -2,7 +2,6 @@
 //! commit; see `writer.rs`), a small read-only pool for pages, WAL mode.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,14 +40,6 @@ pub struct SqliteStore {
 struct Inner {
     /// Bounded: producers wait for room rather than queueing without limit.
     tx: mpsc::Sender<Cmd>,
-    /// The writer, locked by its thread while it works and by a handler
-    /// that commits in place.
-    writer: Arc<std::sync::Mutex<Writer>>,
-    /// Whether a handler may commit in place when the writer is idle
-    /// (`--sync normal`: no fsync per commit).
-    in_place: bool,
-    /// Writes submitted and not yet answered.
-    in_flight: AtomicUsize,
     pool: SqlitePool,
     /// Stops the housekeeping ticker.
     stop: CancellationToken,
@@ -56,22 +47,6 @@ struct Inner {
     /// Completed by the writer thread when it has stopped.
     done: tokio::sync::Mutex<Option<oneshot::Receiver<()>>>,
     metrics: Metrics,
-}
-
-/// One write in flight, counted in `SqliteStore`'s `in_flight` while it lives.
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl<'a> InFlight<'a> {
-    fn enter(count: &'a AtomicUsize) -> InFlight<'a> {
-        count.fetch_add(1, Ordering::Relaxed);
-        InFlight(count)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 const META_COLUMNS: &str = "key, id, epoch, state, head, first_seq, created_at, updated_at";
@@ -132,15 +107,13 @@ impl SqliteStore {
             hub,
             retention,
         )?;
-        let writer = Arc::new(std::sync::Mutex::new(writer));
         let (tx, rx) = mpsc::channel(4096);
         let (done_tx, done_rx) = oneshot::channel();
         // The one writer: an OS thread, so a group runs without a hop per statement.
-        let shared = writer.clone();
         std::thread::Builder::new()
             .name("jobcast-writer".into())
             .spawn(move || {
-                Writer::run(shared, rx);
+                writer.run(rx);
                 let _ = done_tx.send(());
             })
             .map_err(|e| StoreError::Unavailable(Box::new(e)))?;
@@ -165,9 +138,6 @@ impl SqliteStore {
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 tx,
-                writer,
-                in_place: config.sync == SyncMode::Normal,
-                in_flight: AtomicUsize::new(0),
                 pool,
                 stop,
                 tasks,
@@ -181,49 +151,8 @@ impl SqliteStore {
         &self.inner.metrics
     }
 
-    /// Commits a write. When nothing is queued and the writer is idle, the
-    /// handler runs the writer's transaction itself, on its own thread (a
-    /// commit without fsync is tens of µs): no hand-off to the writer's
-    /// thread, no wake-up back, and the watchers it wakes are woken from a
-    /// runtime thread. Otherwise the write goes to the thread's queue and is
-    /// group-committed. Either way only one transaction runs at a time (the
-    /// writer's lock), the batch is published to the hub right after
-    /// COMMIT, and nothing between the commit and the publish can be
-    /// cancelled (the in-place commit has no await point).
     pub(super) async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
-        let inner = &*self.inner;
-        // Counts this write until it is answered (or its handler dropped).
-        let _flight = InFlight::enter(&inner.in_flight);
-        let req = match self.try_in_place(req) {
-            Ok(answer) => return answer,
-            Err(req) => req,
-        };
-        crate::store::group::submit(&inner.tx, req, Cmd::Write, &inner.metrics).await
-    }
-
-    /// Commits `req` in place when nothing is queued and the writer is
-    /// idle; otherwise gives it back.
-    fn try_in_place(
-        &self,
-        req: WriteRequest,
-    ) -> Result<Result<WriteOutcome, StoreError>, WriteRequest> {
-        let inner = &*self.inner;
-        // Only a write alone in flight: with others, the thread's group
-        // commit (one transaction for many) is cheaper than one each here.
-        if !inner.in_place
-            || inner.in_flight.load(Ordering::Relaxed) > 1
-            || inner.tx.capacity() != inner.tx.max_capacity()
-        {
-            return Err(req);
-        }
-        match inner.writer.try_lock() {
-            Ok(mut w) if w.takes_in_place() => Ok(crate::store::group::in_place(
-                req,
-                &inner.metrics,
-                |req, reply| w.commit_one(req, reply),
-            )),
-            _ => Err(req),
-        }
+        crate::store::group::submit(&self.inner.tx, req, Cmd::Write, &self.inner.metrics).await
     }
 
     pub(super) async fn meta(&self, stream: &str) -> Result<Option<StreamMeta>, StoreError> {

@@ -10,8 +10,6 @@
 //! to the hub in seq order per stream: a producer that went away after the
 //! commit cannot leave watchers without its batch.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use jobcast_protocol::StreamState;
@@ -59,7 +57,6 @@ pub(super) enum Cmd {
 }
 
 /// The writer thread's state.
-#[derive(Debug)]
 pub(super) struct Writer {
     conn: Connection,
     hub: Hub,
@@ -69,16 +66,6 @@ pub(super) struct Writer {
     next_purge: Instant,
     /// Dropped when the writer stops, which stops the checkpointer.
     checkpointer: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
-    /// Set by the checkpointer while a RESTART checkpoint may hold writers.
-    restarting: Arc<AtomicBool>,
-    /// Set when the thread stopped: nothing more is written, in place or not.
-    stopped: bool,
-}
-
-/// Locks the writer; a panic while it was held poisoned nothing that
-/// matters (an open transaction was rolled back when it was dropped).
-fn lock(shared: &Mutex<Writer>) -> MutexGuard<'_, Writer> {
-    shared.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn unavailable(e: rusqlite::Error) -> StoreError {
@@ -132,8 +119,7 @@ impl Writer {
             .optional()
             .map_err(unavailable)?
             .is_some();
-        let restarting = Arc::new(AtomicBool::new(false));
-        let checkpointer = spawn_checkpointer(path, busy_timeout, restarting.clone())?;
+        let checkpointer = spawn_checkpointer(path, busy_timeout)?;
         let now = Instant::now();
         Ok(Writer {
             conn,
@@ -143,31 +129,12 @@ impl Writer {
             next_sweep: now,
             next_purge: now,
             checkpointer: Some(checkpointer),
-            restarting,
-            stopped: false,
         })
     }
 
-    /// Whether a write may be committed in place on the caller's thread
-    /// now: the thread has not stopped and no checkpoint may hold the
-    /// database (so the transaction cannot wait on a lock).
-    pub(super) fn takes_in_place(&self) -> bool {
-        !self.stopped && !self.restarting.load(Ordering::Relaxed)
-    }
-
-    /// Commits one write on the caller's thread (see `SqliteStore::write`):
-    /// the same transaction as the thread's, published to the hub before
-    /// it is answered.
-    pub(super) fn commit_one(&mut self, req: WriteRequest, reply: Reply) {
-        let mut group = vec![(req, reply)];
-        self.commit_group(&mut group);
-    }
-
     /// The thread's loop: until `Stop` (or every sender is gone), commit
-    /// groups and run housekeeping when it is due. The writer is locked
-    /// only while it works, never while the thread waits for a command, so
-    /// a handler finding it idle can commit in place.
-    pub(super) fn run(shared: Arc<Mutex<Writer>>, mut rx: mpsc::Receiver<Cmd>) {
+    /// groups and run housekeeping when it is due.
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         let mut group: Vec<(WriteRequest, Reply)> = Vec::new();
         let mut pings: Vec<PingReply> = Vec::new();
         let mut stopping = false;
@@ -175,7 +142,6 @@ impl Writer {
             let Some(first) = rx.blocking_recv() else {
                 break;
             };
-            let mut w = lock(&shared);
             match first {
                 Cmd::Tick => {}
                 Cmd::Stop => stopping = true,
@@ -203,19 +169,17 @@ impl Writer {
                             Err(_) => break,
                         }
                     }
-                    w.commit_group(&mut group);
+                    self.commit_group(&mut group);
                 }
             }
             // After the group: the answer says this thread still makes progress.
             for reply in pings.drain(..) {
-                let alive = w.conn.query_row("SELECT 1", [], |_| Ok(()));
+                let alive = self.conn.query_row("SELECT 1", [], |_| Ok(()));
                 let _ = reply.send(alive.map_err(unavailable));
             }
             // Also between groups, so steady writes cannot starve housekeeping.
-            w.housekeeping();
+            self.housekeeping();
         }
-        let mut w = lock(&shared);
-        w.stopped = true;
         // Answer anything that raced with the stop: nothing more is written.
         rx.close();
         while let Ok(cmd) = rx.try_recv() {
@@ -223,7 +187,7 @@ impl Writer {
                 reply.send(Err(StoreError::Closed));
             }
         }
-        if let Some((stop, handle)) = w.checkpointer.take() {
+        if let Some((stop, handle)) = self.checkpointer.take() {
             drop(stop);
             let _ = handle.join();
         }
@@ -368,7 +332,6 @@ impl Writer {
 fn spawn_checkpointer(
     path: &std::path::Path,
     busy_timeout: Duration,
-    restarting: Arc<AtomicBool>,
 ) -> Result<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>), StoreError> {
     let conn = Connection::open(path).map_err(unavailable)?;
     conn.busy_timeout(busy_timeout).map_err(unavailable)?;
@@ -380,7 +343,7 @@ fn spawn_checkpointer(
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                 stopped.recv_timeout(CHECKPOINT_EVERY)
             {
-                if let Err(e) = checkpoint(&conn, &restarting) {
+                if let Err(e) = checkpoint(&conn) {
                     tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
                 }
             }
@@ -389,7 +352,7 @@ fn spawn_checkpointer(
     Ok((stop, handle))
 }
 
-fn checkpoint(conn: &Connection, restarting: &AtomicBool) -> rusqlite::Result<()> {
+fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
     let frames = |mode: &str| {
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
             Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
@@ -397,11 +360,7 @@ fn checkpoint(conn: &Connection, restarting: &AtomicBool) -> rusqlite::Result<()
     };
     let (log, done) = frames("PASSIVE")?;
     if log > WAL_LIMIT_FRAMES && done < log {
-        // Writers may wait on this one: none commits in place meanwhile.
-        restarting.store(true, Ordering::Relaxed);
-        let restarted = frames("RESTART");
-        restarting.store(false, Ordering::Relaxed);
-        restarted?;
+        frames("RESTART")?;
     }
     Ok(())
 }
