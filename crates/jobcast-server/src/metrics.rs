@@ -62,6 +62,53 @@ pub enum ResumeOutcome {
     NoContent,
 }
 
+/// A stage of an append on its way from the request to a watcher's
+/// connection (`jobcast_append_stage_seconds{stage=…}`): each is the time
+/// from the end of the stage before to the end of this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// The handler read and validated the body (`parse`).
+    Parse,
+    /// Handed to the writer until the writer took it (`queue`).
+    Queue,
+    /// Taken by the writer until its transaction committed (`commit`).
+    Commit,
+    /// Committed until published to the hub (encoding included; `publish`).
+    Publish,
+    /// Published until the handler had its answer (`reply`).
+    Reply,
+    /// Published until a watcher's connection was handed the batch
+    /// (`deliver`; live ring batches only).
+    Deliver,
+}
+
+impl Stage {
+    const ALL: [Stage; 6] = [
+        Stage::Parse,
+        Stage::Queue,
+        Stage::Commit,
+        Stage::Publish,
+        Stage::Reply,
+        Stage::Deliver,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Stage::Parse => "parse",
+            Stage::Queue => "queue",
+            Stage::Commit => "commit",
+            Stage::Publish => "publish",
+            Stage::Reply => "reply",
+            Stage::Deliver => "deliver",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StageLabel {
+    stage: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
     reason: &'static str,
@@ -130,6 +177,9 @@ struct Inner {
     accepted: Family<ProtoLabel, Counter>,
     append_seconds: Histogram,
     publish_to_write_seconds: Histogram,
+    /// One histogram per [`Stage`] (index: its place in [`Stage::ALL`]),
+    /// taken from the family once, so recording takes no family lock.
+    stages: [Histogram; 6],
     memory_used: Gauge,
     memory_limit: Gauge,
     page_reads: Counter,
@@ -162,6 +212,20 @@ impl Metrics {
         // 50 µs .. ~26 s
         let append_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 20));
         let publish_to_write_seconds = Histogram::new(exponential_buckets(0.000_01, 2.0, 22));
+        let stage_family =
+            Family::<StageLabel, Histogram, fn() -> Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_001, 2.0, 24))
+            });
+        let stages = Stage::ALL.map(|s| {
+            stage_family
+                .get_or_create(&StageLabel { stage: s.label() })
+                .clone()
+        });
+        registry.register(
+            "append_stage_seconds",
+            "Time an append spends in each stage: parse, queue (to the writer), commit, publish (to the hub), reply (to the handler), deliver (publish to a watcher's connection)",
+            stage_family,
+        );
         registry.register("watchers", "SSE watchers connected", watchers.clone());
         registry.register(
             "connections_opened",
@@ -271,6 +335,7 @@ impl Metrics {
                 accepted,
                 append_seconds,
                 publish_to_write_seconds,
+                stages,
                 memory_used,
                 memory_limit,
                 page_reads,
@@ -357,9 +422,14 @@ impl Metrics {
 
     /// A live batch reached a watcher's connection this long after publishing.
     pub fn publish_to_write(&self, took: Duration) {
-        self.inner
-            .publish_to_write_seconds
-            .observe(took.as_secs_f64());
+        let took = took.as_secs_f64();
+        self.inner.publish_to_write_seconds.observe(took);
+        self.inner.stages[Stage::Deliver as usize].observe(took);
+    }
+
+    /// An append spent `took` in `stage`.
+    pub fn stage(&self, stage: Stage, took: Duration) {
+        self.inner.stages[stage as usize].observe(took.as_secs_f64());
     }
 
     /// A watcher fell out of the ring and reads the store.

@@ -646,6 +646,43 @@ async fn metrics_parse_and_track_watchers_and_appends() {
     assert_eq!(histograms, 1, "the append latency histogram is exposed");
 }
 
+/// Every stage of an append is timed in `jobcast_append_stage_seconds`:
+/// one sample per committed append for the store side, one per live batch
+/// handed to a watcher for `deliver`. Counts only, never durations.
+#[tokio::test]
+async fn append_stages_are_timed_in_metrics() {
+    let s = TestServer::start().await;
+    s.append("st", "first").await;
+    let mut w = s.watch("st", "", None).await;
+    assert_eq!(w.status, 200);
+    assert!(w.next_event(T).await.is_some(), "the first event");
+    // Live: published to the hub while the watcher holds its cursor.
+    s.append("st", "second").await;
+    assert!(w.next_event(T).await.is_some(), "the second event");
+    let text = s
+        .client
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let count = |stage: &str| -> Option<f64> {
+        let prefix = format!("jobcast_append_stage_seconds_count{{stage=\"{stage}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(|v| v.trim().parse().expect("a number"))
+    };
+    for stage in ["parse", "queue", "commit", "publish", "reply"] {
+        assert_eq!(count(stage), Some(2.0), "stage {stage}:\n{text}");
+    }
+    assert!(
+        count("deliver").is_some_and(|n| n >= 1.0),
+        "stage deliver:\n{text}"
+    );
+}
+
 // -------------------------------------------------------- e. max duration
 
 /// Guarantee 6 (maximum duration) with guarantee 2: the connection ends by

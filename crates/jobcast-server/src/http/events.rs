@@ -19,6 +19,7 @@ use super::{
     RawBody,
 };
 use crate::auth::Grant;
+use crate::metrics::Stage;
 use crate::store::{append_response_body, WriteOp, WriteOutcome, WriteRequest};
 use crate::watch::{Mode, PageAnswer, Resume, Settings, Step, Watch};
 
@@ -44,6 +45,7 @@ pub(super) async fn append(
         op: WriteOp::Append(events),
         idempotency,
     };
+    state.metrics.stage(Stage::Parse, started.elapsed());
     match state.store.write(req).await? {
         WriteOutcome::Appended {
             epoch,

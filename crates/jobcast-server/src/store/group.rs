@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jobcast_protocol::{CANCEL_EVENT, END_EVENT};
 use tokio::sync::{mpsc, oneshot};
@@ -13,6 +13,7 @@ use super::{
     append_response_body, Refusal, StoreError, StreamMeta, WriteOp, WriteOutcome, WriteRequest,
 };
 use crate::hub::{Batch, Hub};
+use crate::metrics::{Metrics, Stage};
 
 /// Most events committed in one transaction (a group never waits to fill).
 pub(super) const GROUP_MAX_EVENTS: usize = 1000;
@@ -28,21 +29,88 @@ pub(super) const SWEEP_KEYS: i64 = 5000;
 /// Pause between sweep steps while expired rows remain.
 pub(super) const SWEEP_EVERY: Duration = Duration::from_millis(50);
 
-/// The answer to one write.
-pub(super) type Reply = oneshot::Sender<Result<WriteOutcome, StoreError>>;
+/// What a writer answers: the result, and for a committed write when it
+/// passed each stage (for `jobcast_append_stage_seconds`).
+type Answer = (Result<WriteOutcome, StoreError>, Option<Stamps>);
+
+/// When a committed write passed each stage on the writer's side.
+#[derive(Debug, Clone, Copy)]
+struct Stamps {
+    queued: Instant,
+    taken: Option<Instant>,
+    committed: Instant,
+    published: Instant,
+}
+
+/// Where to answer one write, and when it was handed to the writer.
+#[derive(Debug)]
+pub(super) struct Reply {
+    tx: oneshot::Sender<Answer>,
+    queued: Instant,
+    taken: Option<Instant>,
+}
+
+impl Reply {
+    /// A reply and the receiver its answer arrives on.
+    fn new() -> (Reply, oneshot::Receiver<Answer>) {
+        let (tx, rx) = oneshot::channel();
+        let reply = Reply {
+            tx,
+            queued: Instant::now(),
+            taken: None,
+        };
+        (reply, rx)
+    }
+
+    /// The writer took the write from its queue (one `Instant`, for the stage histogram).
+    pub(super) fn taken(&mut self) {
+        self.taken = Some(Instant::now());
+    }
+
+    /// Answers without stage times (a failure, or a write never attempted).
+    pub(super) fn send(self, result: Result<WriteOutcome, StoreError>) {
+        let _ = self.tx.send((result, None));
+    }
+
+    /// Answers a committed write.
+    fn committed(self, outcome: WriteOutcome, committed: Instant, published: Instant) {
+        let stamps = Stamps {
+            queued: self.queued,
+            taken: self.taken,
+            committed,
+            published,
+        };
+        let _ = self.tx.send((Ok(outcome), Some(stamps)));
+    }
+}
 
 /// Hands a write to a backend's writer (`wrap` builds its command) and waits
-/// for the answer, which comes after the commit.
+/// for the answer, which comes after the commit; records its stages.
 pub(super) async fn submit<C>(
     tx: &mpsc::Sender<C>,
     req: WriteRequest,
     wrap: fn(WriteRequest, Reply) -> C,
+    metrics: &Metrics,
 ) -> Result<WriteOutcome, StoreError> {
-    let (reply, rx) = oneshot::channel();
+    let (reply, rx) = Reply::new();
     tx.send(wrap(req, reply))
         .await
         .map_err(|_| StoreError::Closed)?;
-    rx.await.map_err(|_| StoreError::Closed)?
+    let (result, stamps) = rx.await.map_err(|_| StoreError::Closed)?;
+    if let Some(s) = stamps {
+        record(metrics, &s);
+    }
+    result
+}
+
+/// Records a committed write's stages (the last one ends now).
+fn record(metrics: &Metrics, s: &Stamps) {
+    if let Some(taken) = s.taken {
+        metrics.stage(Stage::Queue, taken - s.queued);
+        metrics.stage(Stage::Commit, s.committed - taken);
+    }
+    metrics.stage(Stage::Publish, s.published - s.committed);
+    metrics.stage(Stage::Reply, s.published.elapsed());
 }
 
 /// How long readiness waits for a writer to answer a ping.
@@ -121,6 +189,7 @@ pub(super) fn publish_and_answer(
     outcomes: Vec<WriteOutcome>,
     publish: Vec<Publish>,
 ) -> bool {
+    let committed = Instant::now();
     let mut deleted_any = false;
     for p in publish {
         match p {
@@ -150,8 +219,9 @@ pub(super) fn publish_and_answer(
             },
         }
     }
+    let published = Instant::now();
     for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
-        let _ = reply.send(Ok(outcome));
+        reply.committed(outcome, committed, published);
     }
     deleted_any
 }
@@ -161,7 +231,7 @@ pub(super) fn fail_group(group: Vec<(WriteRequest, Reply)>, e: &dyn std::fmt::Di
     tracing::error!(error = %e, writes = group.len(), "store write failed; nothing was committed");
     let message = e.to_string();
     for (_, reply) in group {
-        let _ = reply.send(Err(StoreError::Unavailable(message.clone().into())));
+        reply.send(Err(StoreError::Unavailable(message.clone().into())));
     }
 }
 
@@ -592,7 +662,7 @@ mod tests {
     use jobcast_protocol::StreamState;
 
     fn req(stream: &str, op: WriteOp, key: Option<(&str, u8)>) -> (WriteRequest, Reply) {
-        let (reply, _) = oneshot::channel();
+        let (reply, _) = Reply::new();
         let idempotency = key.map(|(k, h)| IdempotencyKey {
             key: k.into(),
             hash: [h; 32],

@@ -213,7 +213,7 @@ impl PgStore {
 
     pub(super) async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
         let writer = &self.inner.writers[writer_of(&req.stream, self.inner.writers.len())];
-        crate::store::group::submit(writer, req, Cmd::Write).await
+        crate::store::group::submit(writer, req, Cmd::Write, &self.inner.metrics).await
     }
 
     pub(super) async fn ds_write(

@@ -73,13 +73,15 @@ impl Writer {
                 cmd = rx.recv() => match cmd {
                     None | Some(Cmd::Stop) => stopping = true,
                     Some(Cmd::Ping(reply)) => pings.push(reply),
-                    Some(Cmd::Write(req, reply)) => {
+                    Some(Cmd::Write(req, mut reply)) => {
+                        reply.taken();
                         let (mut events, mut bytes) = size_of(&req);
                         group.push((req, reply));
                         // Take whatever else is queued, never waiting for the group to fill.
                         while events < GROUP_MAX_EVENTS && bytes < GROUP_MAX_BYTES {
                             match rx.try_recv() {
-                                Ok(Cmd::Write(req, reply)) => {
+                                Ok(Cmd::Write(req, mut reply)) => {
+                                    reply.taken();
                                     let (e, b) = size_of(&req);
                                     events += e;
                                     bytes += b;
@@ -110,7 +112,7 @@ impl Writer {
         rx.close();
         while let Ok(cmd) = rx.try_recv() {
             if let Cmd::Write(_, reply) = cmd {
-                let _ = reply.send(Err(StoreError::Closed));
+                reply.send(Err(StoreError::Closed));
             }
         }
     }

@@ -135,7 +135,7 @@ impl SqliteStore {
     }
 
     pub(super) async fn write(&self, req: WriteRequest) -> Result<WriteOutcome, StoreError> {
-        crate::store::group::submit(&self.inner.tx, req, Cmd::Write).await
+        crate::store::group::submit(&self.inner.tx, req, Cmd::Write, &self.inner.metrics).await
     }
 
     pub(super) async fn ds_write(

@@ -156,13 +156,15 @@ impl Writer {
                 Cmd::Stop => stopping = true,
                 Cmd::Ping(reply) => pings.push(reply),
                 Cmd::Ds(w, reply) => self.ds_write(&w, reply),
-                Cmd::Write(req, reply) => {
+                Cmd::Write(req, mut reply) => {
+                    reply.taken();
                     let (mut events, mut bytes) = size_of(&req);
                     group.push((req, reply));
                     // Take whatever else is queued, never waiting for the group to fill.
                     while events < GROUP_MAX_EVENTS && bytes < GROUP_MAX_BYTES {
                         match rx.try_recv() {
-                            Ok(Cmd::Write(req, reply)) => {
+                            Ok(Cmd::Write(req, mut reply)) => {
+                                reply.taken();
                                 let (e, b) = size_of(&req);
                                 events += e;
                                 bytes += b;
@@ -199,9 +201,7 @@ impl Writer {
         rx.close();
         while let Ok(cmd) = rx.try_recv() {
             match cmd {
-                Cmd::Write(_, reply) => {
-                    let _ = reply.send(Err(StoreError::Closed));
-                }
+                Cmd::Write(_, reply) => reply.send(Err(StoreError::Closed)),
                 Cmd::Ds(_, reply) => {
                     let _ = reply.send(Err(StoreError::Closed));
                 }
