@@ -150,7 +150,7 @@ impl Default for Config {
             busy_timeout: Duration::from_secs(5),
             lean_sse: true,
             pg_pool_size: 16,
-            pg_writers: 4,
+            pg_writers: 1,
             listener_ping: Duration::from_secs(10),
             pg_query_timeout: Duration::from_secs(30),
             auth: None,

@@ -171,7 +171,7 @@ struct ServeArgs {
     pg_pool_size: u32,
     /// PostgreSQL writer connections per node (streams spread over them by
     /// a hash of their id; each uses one pool connection while committing).
-    #[arg(long, env = "JOBCAST_PG_WRITERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(long, env = "JOBCAST_PG_WRITERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pg_writers: u16,
     /// How often the PostgreSQL listener checks its connection (one that does
     /// not answer within 5 s is replaced, and the watched streams re-synced).
