@@ -265,7 +265,40 @@ pub(super) fn encode(req: &WriteRequest, key: i64, epoch: &str, first_seq: u64) 
     }
 }
 
-pub(super) fn size_of(req: &WriteRequest) -> (usize, usize) {
+/// The writes a writer takes from its queue for one commit: whatever is
+/// queued, up to [`GROUP_MAX_EVENTS`] / [`GROUP_MAX_BYTES`] (a group never
+/// waits to fill). Both writers gather with it.
+#[derive(Debug, Default)]
+pub(super) struct Group {
+    writes: Vec<(WriteRequest, Reply)>,
+    events: usize,
+    bytes: usize,
+}
+
+impl Group {
+    /// Adds a write taken from the queue.
+    pub(super) fn push(&mut self, req: WriteRequest, mut reply: Reply) {
+        reply.taken();
+        let (events, bytes) = size_of(&req);
+        self.events += events;
+        self.bytes += bytes;
+        self.writes.push((req, reply));
+    }
+
+    /// Whether another queued write may join.
+    pub(super) fn has_room(&self) -> bool {
+        self.events < GROUP_MAX_EVENTS && self.bytes < GROUP_MAX_BYTES
+    }
+
+    /// The writes gathered, leaving the group empty for the next one.
+    pub(super) fn take(&mut self) -> Vec<(WriteRequest, Reply)> {
+        self.events = 0;
+        self.bytes = 0;
+        std::mem::take(&mut self.writes)
+    }
+}
+
+fn size_of(req: &WriteRequest) -> (usize, usize) {
     match &req.op {
         WriteOp::Append(events) => (events.len(), events.iter().map(|e| e.data.len()).sum()),
         WriteOp::End { data, .. } | WriteOp::Cancel { data } => (1, data.len()),
@@ -319,10 +352,11 @@ impl<'a> Wanted<'a> {
     /// What the requests of one transaction (a [`cut`] of a group) need.
     pub(super) fn of(group: &'a [(WriteRequest, Reply)]) -> Wanted<'a> {
         let mut streams: Vec<(&str, bool)> = Vec::with_capacity(group.len());
-        let mut index: HashMap<&str, ()> = HashMap::with_capacity(group.len());
+        let mut seen: std::collections::HashSet<&str> =
+            std::collections::HashSet::with_capacity(group.len());
         let mut keys = Vec::new();
         for (req, _) in group {
-            if index.insert(&req.stream, ()).is_none() {
+            if seen.insert(&req.stream) {
                 streams.push((&req.stream, creates(&req.op)));
             }
             if let Some(idem) = &req.idempotency {
@@ -470,29 +504,9 @@ pub(super) fn decide<'a>(
                         appended: false,
                     }
                 } else {
-                    let seq = c.meta.head + 1;
-                    let time = crate::time::now_ms();
-                    plan.events.push(EventRow {
-                        key: c.meta.key,
-                        seq,
-                        event_type: CANCEL_EVENT,
-                        data,
-                        time,
-                    });
-                    c.meta.head = seq;
+                    let rows = [(CANCEL_EVENT, data.as_str())];
+                    append_rows(&mut plan, c, index, rows, max_events);
                     c.meta.cancel_requested = true;
-                    c.meta.updated_at = time;
-                    if let Some(max) = max_events {
-                        c.meta.first_seq = c.meta.first_seq.max((seq + 1).saturating_sub(max));
-                    }
-                    c.dirty = true;
-                    plan.publish.push(Publish::Events {
-                        index,
-                        key: c.meta.key,
-                        epoch: c.meta.epoch.clone(),
-                        first_seq: seq,
-                        last_seq: seq,
-                    });
                     WriteOutcome::CancelRequested {
                         meta: c.meta.clone(),
                         appended: true,
@@ -514,33 +528,14 @@ pub(super) fn decide<'a>(
                 } else if c.meta.ended() {
                     WriteOutcome::Refused(Refusal::StreamEnded)
                 } else {
-                    let first_seq = c.meta.head + 1;
-                    let last_seq = c.meta.head + events.len() as u64;
-                    let time = crate::time::now_ms();
-                    plan.events
-                        .extend(events.iter().enumerate().map(|(i, e)| EventRow {
-                            key: c.meta.key,
-                            seq: first_seq + i as u64,
-                            event_type: &e.event_type,
-                            data: &e.data,
-                            time,
-                        }));
-                    c.meta.head = last_seq;
-                    c.meta.updated_at = time;
-                    if let Some(max) = max_events {
-                        c.meta.first_seq = c.meta.first_seq.max((last_seq + 1).saturating_sub(max));
-                    }
-                    c.dirty = true;
+                    let rows = events
+                        .iter()
+                        .map(|e| (e.event_type.as_str(), e.data.as_str()));
+                    let (first_seq, last_seq, time) =
+                        append_rows(&mut plan, c, index, rows, max_events);
                     let cancel = c.meta.cancel_requested;
                     let body = append_response_body(&c.meta.epoch, first_seq, last_seq, cancel);
                     remember(&mut plan, &mut remembered, c, req, 201, body, time);
-                    plan.publish.push(Publish::Events {
-                        index,
-                        key: c.meta.key,
-                        epoch: c.meta.epoch.clone(),
-                        first_seq,
-                        last_seq,
-                    });
                     WriteOutcome::Appended {
                         epoch: c.meta.epoch.clone(),
                         first_seq,
@@ -555,29 +550,14 @@ pub(super) fn decide<'a>(
                 } else if c.meta.ended() {
                     WriteOutcome::Refused(Refusal::StreamEnded)
                 } else {
-                    let seq = c.meta.head + 1;
-                    let time = crate::time::now_ms();
-                    plan.events.push(EventRow {
-                        key: c.meta.key,
-                        seq,
-                        event_type: END_EVENT,
-                        data,
-                        time,
-                    });
-                    c.meta.head = seq;
+                    // The end never trims (as before the planner): the
+                    // next append, if any, is refused anyway.
+                    let rows = [(END_EVENT, data.as_str())];
+                    let (_, _, time) = append_rows(&mut plan, c, index, rows, None);
                     c.meta.state = *state;
-                    c.meta.updated_at = time;
-                    c.dirty = true;
                     let body = serde_json::to_string(&c.meta.to_json(hub.watchers_of(&req.stream)))
                         .unwrap_or_default();
                     remember(&mut plan, &mut remembered, c, req, 200, body, time);
-                    plan.publish.push(Publish::Events {
-                        index,
-                        key: c.meta.key,
-                        epoch: c.meta.epoch.clone(),
-                        first_seq: seq,
-                        last_seq: seq,
-                    });
                     WriteOutcome::Ended {
                         meta: c.meta.clone(),
                     }
@@ -602,6 +582,47 @@ pub(super) fn decide<'a>(
         !deleted.contains(&e.key) && kept_from.get(&e.key).is_none_or(|&first| e.seq >= first)
     });
     plan
+}
+
+/// Appends `rows` after the stream's head: the event rows, the new head
+/// (and first kept seq, with `max_events`), and the batch to publish after
+/// COMMIT. Its first and last seq and the commit time.
+fn append_rows<'a>(
+    plan: &mut Plan<'a>,
+    c: &mut Current,
+    index: usize,
+    rows: impl IntoIterator<Item = (&'a str, &'a str)>,
+    max_events: Option<u64>,
+) -> (u64, u64, i64) {
+    let first_seq = c.meta.head + 1;
+    let time = crate::time::now_ms();
+    let before = plan.events.len();
+    plan.events.extend(
+        rows.into_iter()
+            .enumerate()
+            .map(|(i, (ty, data))| EventRow {
+                key: c.meta.key,
+                seq: first_seq + i as u64,
+                event_type: ty,
+                data,
+                time,
+            }),
+    );
+    let last_seq = c.meta.head + (plan.events.len() - before) as u64;
+    c.meta.head = last_seq;
+    c.meta.updated_at = time;
+    if let Some(max) = max_events {
+        c.meta.first_seq = c.meta.first_seq.max((last_seq + 1).saturating_sub(max));
+    }
+    c.dirty = true;
+    plan.publish.push(Publish::Events {
+        index,
+        key: c.meta.key,
+        epoch: c.meta.epoch.clone(),
+        first_seq,
+        last_seq,
+    });
+    (first_seq, last_seq, time)
 }
 
 /// A previous answer to the same Idempotency-Key (read, or remembered by

@@ -206,6 +206,69 @@ pub enum DsOutcome {
     Refused(DsRefusal),
 }
 
+/// The checks of a DS append before it writes anything, written once for
+/// both backends: the producer rule (given the producer's stored `(epoch,
+/// seq)`), a closed stream, the content type, `Stream-Seq` order.
+/// `Ok(accept)`: go on (`accept`: store the producer's new seq); `Err`:
+/// the answer, with nothing written.
+pub(super) fn check_append(
+    meta: &DsMeta,
+    state: Option<(u64, u64)>,
+    producer: Option<&Producer>,
+    has_messages: bool,
+    close: bool,
+    content_type: Option<&str>,
+    stream_seq: Option<&str>,
+) -> Result<bool, Box<DsOutcome>> {
+    let closed = || {
+        Box::new(DsOutcome::Refused(DsRefusal::Closed(Box::new(
+            meta.clone(),
+        ))))
+    };
+    let mut accept = false;
+    if let Some(p) = producer {
+        match check_producer(state, p) {
+            Err(DsRefusal::SeqGap(..)) if meta.closed => return Err(closed()),
+            Err(r) => return Err(Box::new(DsOutcome::Refused(r))),
+            Ok(false) => {
+                let last = state.map_or(p.seq, |s| s.1);
+                return Err(Box::new(DsOutcome::Appended {
+                    meta: meta.clone(),
+                    duplicate: true,
+                    producer: Some((p.epoch, last)),
+                }));
+            }
+            Ok(true) => accept = true,
+        }
+    }
+    if meta.closed {
+        if !has_messages && close && producer.is_none() {
+            return Err(Box::new(DsOutcome::Appended {
+                meta: meta.clone(),
+                duplicate: true,
+                producer: None,
+            }));
+        }
+        return Err(closed());
+    }
+    if has_messages {
+        match content_type {
+            Some(ct) if media_type(ct) == media_type(&meta.content_type) => {}
+            _ => return Err(Box::new(DsOutcome::Refused(DsRefusal::ContentTypeMismatch))),
+        }
+    }
+    if let Some(seq) = stream_seq {
+        if meta
+            .stream_seq
+            .as_ref()
+            .is_some_and(|last| seq.as_bytes() <= last.as_bytes())
+        {
+            return Err(Box::new(DsOutcome::Refused(DsRefusal::SeqRegression)));
+        }
+    }
+    Ok(accept)
+}
+
 /// The producer rule of the protocol (section 5.2.1), given the stored
 /// `(epoch, last_seq)` of the producer (None: a new producer). `Ok(true)`:
 /// accept and store `(epoch, seq)`; `Ok(false)`: a duplicate.

@@ -9,10 +9,7 @@ use jobcast_protocol::END_EVENT;
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};
 
-use super::{
-    check_producer, DsMeta, DsOp, DsOutcome, DsPage, DsPublish, DsRefusal, DsWrite, ForkFrom,
-    CLOSE_DATA,
-};
+use super::{DsMeta, DsOp, DsOutcome, DsPage, DsPublish, DsRefusal, DsWrite, ForkFrom, CLOSE_DATA};
 use crate::hub::Hub;
 use crate::store::StoreError;
 
@@ -486,58 +483,33 @@ async fn apply(
             if meta.expired(now()) {
                 return Ok(DsOutcome::Refused(DsRefusal::NotFound));
             }
-            let mut accept_producer = None;
-            if let Some(p) = producer {
-                let state: Option<(i64, i64)> = sqlx::query_as(
-                    "SELECT epoch, seq FROM ds_producers WHERE stream_key = $1 AND producer = $2",
-                )
-                .bind(meta.key)
-                .bind(&p.id)
-                .fetch_optional(&mut *conn)
-                .await?;
-                let state = state.map(|(e, s)| (e.max(0) as u64, s.max(0) as u64));
-                match check_producer(state, p) {
-                    Err(r) => {
-                        if meta.closed && matches!(r, DsRefusal::SeqGap(..)) {
-                            return Ok(DsOutcome::Refused(DsRefusal::Closed(Box::new(meta))));
-                        }
-                        return Ok(DsOutcome::Refused(r));
-                    }
-                    Ok(false) => {
-                        let last = state.map_or(p.seq, |s| s.1);
-                        return Ok(DsOutcome::Appended {
-                            meta,
-                            duplicate: true,
-                            producer: Some((p.epoch, last)),
-                        });
-                    }
-                    Ok(true) => accept_producer = Some(p),
+            let state = match producer {
+                Some(p) => {
+                    let state: Option<(i64, i64)> = sqlx::query_as(
+                        "SELECT epoch, seq FROM ds_producers WHERE stream_key = $1 AND producer = $2",
+                    )
+                    .bind(meta.key)
+                    .bind(&p.id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    state.map(|(e, s)| (e.max(0) as u64, s.max(0) as u64))
                 }
-            }
-            if meta.closed {
-                if messages.is_empty() && *close && producer.is_none() {
-                    return Ok(DsOutcome::Appended {
-                        meta,
-                        duplicate: true,
-                        producer: None,
-                    });
-                }
-                return Ok(DsOutcome::Refused(DsRefusal::Closed(Box::new(meta))));
-            }
-            if !messages.is_empty() {
-                match content_type {
-                    Some(ct) if super::media_type(ct) == super::media_type(&meta.content_type) => {}
-                    _ => return Ok(DsOutcome::Refused(DsRefusal::ContentTypeMismatch)),
-                }
-            }
+                None => None,
+            };
+            let accept = match super::check_append(
+                &meta,
+                state,
+                producer.as_ref(),
+                !messages.is_empty(),
+                *close,
+                content_type.as_deref(),
+                stream_seq.as_deref(),
+            ) {
+                Ok(accept) => accept,
+                Err(answer) => return Ok(*answer),
+            };
+            let accept_producer = producer.as_ref().filter(|_| accept);
             if let Some(seq) = stream_seq {
-                if meta
-                    .stream_seq
-                    .as_ref()
-                    .is_some_and(|last| seq.as_bytes() <= last.as_bytes())
-                {
-                    return Ok(DsOutcome::Refused(DsRefusal::SeqRegression));
-                }
                 sqlx::query("UPDATE ds_streams SET stream_seq = $1 WHERE stream_key = $2")
                     .bind(seq)
                     .bind(meta.key)

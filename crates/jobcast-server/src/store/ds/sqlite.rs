@@ -6,10 +6,7 @@ use rusqlite::types::Value;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use sqlx::{Row, SqlitePool};
 
-use super::{
-    check_producer, DsMeta, DsOp, DsOutcome, DsPage, DsPublish, DsRefusal, DsWrite, ForkFrom,
-    CLOSE_DATA,
-};
+use super::{DsMeta, DsOp, DsOutcome, DsPage, DsPublish, DsRefusal, DsWrite, ForkFrom, CLOSE_DATA};
 
 /// The deepest fork chain followed (a longer one reads as its first links).
 const MAX_CHAIN: usize = 64;
@@ -514,57 +511,32 @@ fn apply(
             }
             // Producer first: a retry of an accepted request is a duplicate
             // even once the stream is closed; a stale epoch is fenced.
-            let mut accept_producer = None;
-            if let Some(p) = producer {
-                let state: Option<(i64, i64)> = conn
-                    .prepare_cached(
-                        "SELECT epoch, seq FROM ds_producers WHERE stream_key = ? AND producer = ?",
-                    )?
-                    .query_row(params![meta.key, p.id], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()?;
-                let state = state.map(|(e, s)| (e.max(0) as u64, s.max(0) as u64));
-                match check_producer(state, p) {
-                    Err(r) => {
-                        if meta.closed && matches!(r, DsRefusal::SeqGap(..)) {
-                            return Ok(DsOutcome::Refused(DsRefusal::Closed(Box::new(meta))));
-                        }
-                        return Ok(DsOutcome::Refused(r));
-                    }
-                    Ok(false) => {
-                        let last = state.map_or(p.seq, |s| s.1);
-                        return Ok(DsOutcome::Appended {
-                            meta,
-                            duplicate: true,
-                            producer: Some((p.epoch, last)),
-                        });
-                    }
-                    Ok(true) => accept_producer = Some(p),
+            let state = match producer {
+                Some(p) => {
+                    let state: Option<(i64, i64)> = conn
+                        .prepare_cached(
+                            "SELECT epoch, seq FROM ds_producers WHERE stream_key = ? AND producer = ?",
+                        )?
+                        .query_row(params![meta.key, p.id], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()?;
+                    state.map(|(e, s)| (e.max(0) as u64, s.max(0) as u64))
                 }
-            }
-            if meta.closed {
-                if messages.is_empty() && *close && producer.is_none() {
-                    return Ok(DsOutcome::Appended {
-                        meta,
-                        duplicate: true,
-                        producer: None,
-                    });
-                }
-                return Ok(DsOutcome::Refused(DsRefusal::Closed(Box::new(meta))));
-            }
-            if !messages.is_empty() {
-                match content_type {
-                    Some(ct) if super::media_type(ct) == super::media_type(&meta.content_type) => {}
-                    _ => return Ok(DsOutcome::Refused(DsRefusal::ContentTypeMismatch)),
-                }
-            }
+                None => None,
+            };
+            let accept = match super::check_append(
+                &meta,
+                state,
+                producer.as_ref(),
+                !messages.is_empty(),
+                *close,
+                content_type.as_deref(),
+                stream_seq.as_deref(),
+            ) {
+                Ok(accept) => accept,
+                Err(answer) => return Ok(*answer),
+            };
+            let accept_producer = producer.as_ref().filter(|_| accept);
             if let Some(seq) = stream_seq {
-                if meta
-                    .stream_seq
-                    .as_ref()
-                    .is_some_and(|last| seq.as_bytes() <= last.as_bytes())
-                {
-                    return Ok(DsOutcome::Refused(DsRefusal::SeqRegression));
-                }
                 if !meta.native {
                     conn.prepare_cached(
                         "UPDATE ds_streams SET stream_seq = ? WHERE stream_key = ?",

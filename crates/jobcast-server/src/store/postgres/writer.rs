@@ -11,9 +11,8 @@ use tokio::sync::mpsc;
 use super::{meta_from_row, seq, Cmd, CHANNEL, MAX_ATTEMPTS, META_COLUMNS, PURGE_EVERY, TICK};
 use crate::hub::Hub;
 use crate::store::group::{
-    cut, decide, fail_group, publish_and_answer, size_of, Found, PingReply, Plan, Publish,
-    Remembered, Reply, Retention, Wanted, GROUP_MAX_BYTES, GROUP_MAX_EVENTS, PURGE_CHUNK,
-    SWEEP_EVERY, SWEEP_KEYS, SWEEP_STREAMS,
+    cut, decide, fail_group, publish_and_answer, Found, Group, PingReply, Plan, Publish,
+    Remembered, Reply, Retention, Wanted, PURGE_CHUNK, SWEEP_EVERY, SWEEP_KEYS, SWEEP_STREAMS,
 };
 use crate::store::{labels_to_text, StoreError, WriteRequest};
 
@@ -62,7 +61,7 @@ pub(super) struct Writer {
 
 impl Writer {
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
-        let mut group: Vec<(WriteRequest, Reply)> = Vec::new();
+        let mut group = Group::default();
         let mut pings: Vec<PingReply> = Vec::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -73,20 +72,12 @@ impl Writer {
                 cmd = rx.recv() => match cmd {
                     None | Some(Cmd::Stop) => stopping = true,
                     Some(Cmd::Ping(reply)) => pings.push(reply),
-                    Some(Cmd::Write(req, mut reply)) => {
-                        reply.taken();
-                        let (mut events, mut bytes) = size_of(&req);
-                        group.push((req, reply));
+                    Some(Cmd::Write(req, reply)) => {
+                        group.push(req, reply);
                         // Take whatever else is queued, never waiting for the group to fill.
-                        while events < GROUP_MAX_EVENTS && bytes < GROUP_MAX_BYTES {
+                        while group.has_room() {
                             match rx.try_recv() {
-                                Ok(Cmd::Write(req, mut reply)) => {
-                                    reply.taken();
-                                    let (e, b) = size_of(&req);
-                                    events += e;
-                                    bytes += b;
-                                    group.push((req, reply));
-                                }
+                                Ok(Cmd::Write(req, reply)) => group.push(req, reply),
                                 Ok(Cmd::Ping(reply)) => pings.push(reply),
                                 Ok(Cmd::Stop) => {
                                     stopping = true;
@@ -95,7 +86,7 @@ impl Writer {
                                 Err(_) => break,
                             }
                         }
-                        self.commit_group(&mut group).await;
+                        self.commit_group(&mut group.take()).await;
                     }
                 },
                 _ = tick.tick() => {}

@@ -18,9 +18,8 @@ use tokio::sync::mpsc;
 
 use crate::hub::Hub;
 use crate::store::group::{
-    cut, decide, fail_group, publish_and_answer, size_of, Found, PingReply, Plan, Remembered,
-    Reply, Retention, Wanted, GROUP_MAX_BYTES, GROUP_MAX_EVENTS, PURGE_CHUNK, SWEEP_EVERY,
-    SWEEP_KEYS, SWEEP_STREAMS,
+    cut, decide, fail_group, publish_and_answer, Found, Group, PingReply, Plan, Remembered, Reply,
+    Retention, Wanted, PURGE_CHUNK, SWEEP_EVERY, SWEEP_KEYS, SWEEP_STREAMS,
 };
 use crate::store::{labels_to_text, StoreError, StreamMeta, WriteRequest, META_COLUMNS};
 
@@ -143,7 +142,7 @@ impl Writer {
     /// The thread's loop: until `Stop` (or every sender is gone), commit
     /// groups and run housekeeping when it is due.
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
-        let mut group: Vec<(WriteRequest, Reply)> = Vec::new();
+        let mut group = Group::default();
         let mut pings: Vec<PingReply> = Vec::new();
         let mut stopping = false;
         let mut ds = None;
@@ -156,20 +155,12 @@ impl Writer {
                 Cmd::Stop => stopping = true,
                 Cmd::Ping(reply) => pings.push(reply),
                 Cmd::Ds(w, reply) => self.ds_write(&w, reply),
-                Cmd::Write(req, mut reply) => {
-                    reply.taken();
-                    let (mut events, mut bytes) = size_of(&req);
-                    group.push((req, reply));
+                Cmd::Write(req, reply) => {
+                    group.push(req, reply);
                     // Take whatever else is queued, never waiting for the group to fill.
-                    while events < GROUP_MAX_EVENTS && bytes < GROUP_MAX_BYTES {
+                    while group.has_room() {
                         match rx.try_recv() {
-                            Ok(Cmd::Write(req, mut reply)) => {
-                                reply.taken();
-                                let (e, b) = size_of(&req);
-                                events += e;
-                                bytes += b;
-                                group.push((req, reply));
-                            }
+                            Ok(Cmd::Write(req, reply)) => group.push(req, reply),
                             Ok(Cmd::Tick) => {}
                             Ok(Cmd::Ping(reply)) => pings.push(reply),
                             Ok(Cmd::Stop) => {
@@ -183,7 +174,7 @@ impl Writer {
                             Err(_) => break,
                         }
                     }
-                    self.commit_group(&mut group);
+                    self.commit_group(&mut group.take());
                     if let Some((w, reply)) = ds.take() {
                         self.ds_write(&w, reply);
                     }
